@@ -1,0 +1,1 @@
+"""The recipe compiler: validate a recipe, measure its data, plan and write a build directory."""

@@ -1,0 +1,172 @@
+"""The `recipe` command line. Only this module prints and chooses exit codes:
+0 success, 1 the user's input is wrong, 2 a bug in recipe itself.
+
+Heavy libraries (torch, transformers) are never imported here; commands that need them run
+the runtime in a subprocess or import inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from compiler.diagnostics import RecipeError, render_all
+
+EXIT_OK, EXIT_USER, EXIT_BUG = 0, 1, 2
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from compiler.validate import validate
+
+    failed = False
+    for path in args.recipes:
+        try:
+            _, warnings = validate(Path(path))
+        except RecipeError as exc:
+            print(render_all(exc.diagnostics), file=sys.stderr)
+            failed = True
+            continue
+        if warnings:
+            print(render_all(warnings), file=sys.stderr)
+        print(f"ok: {path}")
+    return EXIT_USER if failed else EXIT_OK
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from compiler.build import compile_recipe, write_build
+
+    build = compile_recipe(Path(args.recipe))
+    out = Path(args.out) if args.out else Path("build") / build.name
+    write_build(build, out)
+    if build.warnings:
+        print(render_all(build.warnings), file=sys.stderr)
+    print(f"wrote {out}/ (plan: {out}/plan.md)")
+    print(build.plan["summary"])
+    return EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from compiler.build import compile_recipe
+
+    build = compile_recipe(Path(args.recipe))
+    sys.stdout.write(build.files["plan.json" if args.json else "plan.md"].decode())
+    return EXIT_OK
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from compiler.assets import AssetError, fetch_all, load_catalog
+
+    catalog = load_catalog()
+    names = args.names or sorted(catalog)
+    unknown = [n for n in names if n not in catalog]
+    if unknown:
+        raise RecipeError.single(f"unknown asset(s): {', '.join(unknown)}; known: {', '.join(sorted(catalog))}")
+    try:
+        for name, path in fetch_all(names, catalog).items():
+            print(f"{name}: {path}")
+    except AssetError as exc:
+        raise RecipeError.single(str(exc)) from None
+    return EXIT_OK
+
+
+def _check_build(build_dir: Path) -> None:
+    from runtime.config import IncompatibleBuildError, load_runtime_config
+
+    try:
+        load_runtime_config(build_dir)
+    except IncompatibleBuildError as exc:
+        raise RecipeError.single(str(exc)) from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    build_dir = Path(args.build)
+    _check_build(build_dir)
+    launch = build_dir / "launch.sh"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    result = subprocess.run(["bash", str(launch)], env=env)
+    if result.returncode != 0:
+        print(f"error: {launch} exited with status {result.returncode}; see the output above", file=sys.stderr)
+        return EXIT_USER
+    _print_eval(build_dir)
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    build_dir = Path(args.build)
+    _check_build(build_dir)
+    command = [sys.executable, "-m", "runtime.evaluate", str(build_dir)]
+    if args.checkpoint:
+        command += ["--checkpoint", args.checkpoint]
+    result = subprocess.run(command, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if result.returncode != 0:
+        return EXIT_USER
+    _print_eval(build_dir)
+    return EXIT_OK
+
+
+def _print_eval(build_dir: Path) -> None:
+    path = build_dir / "eval.json"
+    report = json.loads(path.read_text())
+    acc, base = report["accuracy"], report["majority_baseline"]
+    print(
+        f"held-out accuracy {acc:.1%} on {report['n']} examples "
+        f"(majority-class baseline {base:.1%}, {100 * (acc - base):+.1f} points); report: {path}"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recipe", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check recipes (schema and cross-field rules; reads no data)")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("compile", help="measure the data, plan, and write build/<name>/")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--out", metavar="DIR", help="build directory (default: build/<name>)")
+    p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("plan", help="compile in memory and print the plan")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--json", action="store_true", help="print plan.json instead of plan.md")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("run", help="train and evaluate a compiled build")
+    p.add_argument("build", metavar="BUILD_DIR")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate a trained build on its held-out split")
+    p.add_argument("build", metavar="BUILD_DIR")
+    p.add_argument("--checkpoint", metavar="PATH", help="model directory (default: BUILD_DIR/model)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("fetch", help="download and cache pinned assets (default: all)")
+    p.add_argument("names", nargs="*", metavar="ASSET")
+    p.set_defaults(func=_cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as exc:
+        print(render_all(exc.diagnostics), file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug in recipe, not the user's input: show everything
+        traceback.print_exc()
+        print("internal error: this is a bug in recipe; please report it with the trace above", file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Pre-tokenized examples from the build, batched without wasted padding."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+IGNORE_INDEX = -100  # label value cross-entropy skips: prompt and padding positions
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt: tuple[int, ...]
+    completion: tuple[int, ...]
+    label: str
+    line: int
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.completion)
+
+
+def read_examples(path: Path) -> list[Encoded]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            record = json.loads(raw)
+            out.append(Encoded(tuple(record["prompt"]), tuple(record["completion"]), record["label"], record["line"]))
+    return out
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, *, group: bool = True, megabatch: int = 50
+) -> list[list[int]]:
+    """Shuffle, then sort by length inside windows of `megabatch` batches so that each batch holds
+    examples of similar length (little padding) while the order stays random across epochs.
+    The batch order is shuffled too, so long batches are not all at the end of an epoch."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group:
+        window = batch_size * megabatch
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda j: lengths[j], reverse=True)
+        ]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate_for_training(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask, and labels that supervise only the completion."""
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids = e.prompt + e.completion
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, len(e.prompt) : len(ids)] = torch.tensor(e.completion)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_prompts_left_padded(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompts only, padded on the left so every row's next token is generated at the same column."""
+    width = max(len(e.prompt) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        input_ids[row, width - len(e.prompt) :] = torch.tensor(e.prompt)
+        attention_mask[row, width - len(e.prompt) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
