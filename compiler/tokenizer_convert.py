@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -95,6 +96,13 @@ def tiktoken_to_tokenizer_json(
     `{"<|endoftext|>": 50256}`). `pattern` is the pre-tokenizer regex. Returns
     the tokenizer's JSON; the same inputs always give the same bytes.
     """
+    # tiktoken's regex engine reads `{1,3}+` as possessive; Oniguruma (used by `tokenizers`)
+    # reads it as "repeat the interval", i.e. `+`, which silently changes how digits split.
+    if re.search(r"\{\d+(,\d*)?\}\+", pattern):
+        raise ValueError(
+            "pattern uses a possessive interval like {1,3}+, which the tokenizers regex engine reads "
+            "as an unbounded repeat; drop the trailing '+' (the match is the same at the end of an alternative)"
+        )
     ranks = read_tiktoken_ranks(ranks_path)
     regular_ids = set(ranks.values())
     for text, token_id in special_tokens.items():
