@@ -148,6 +148,10 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
         }
     )
     (build_dir / "eval.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    with open(build_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for e, text, p, loss in zip(heldout, texts, predicted, losses):
+            record = {"line": e.line, "label": e.label, "generated": text, "predicted": p, "loss": round(loss, 5)}
+            f.write(json.dumps(record, sort_keys=True) + "\n")
     return report
 
 

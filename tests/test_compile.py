@@ -1,0 +1,98 @@
+"""`recipe compile`: the build directory, its determinism, and what it records."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from compiler.build import compile_recipe, write_build
+from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
+
+EXAMPLE = REPO / "specs" / "examples" / "tweet-sentiment.toml"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_compiling_twice_is_byte_identical(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        result = run_cli("compile", "specs/examples/tweet-sentiment.toml", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+    a, b = _tree(first), _tree(second)
+    assert set(a) == {
+        "data/heldout.jsonl", "data/train.jsonl", "launch.sh", "manifest.json", "plan.json", "plan.md",
+        "runtime.json", "tokenizer/tokenizer.json",
+    }
+    assert a == b
+    # No absolute paths, user names or host names leak into artifacts.
+    for rel, content in a.items():
+        text = content.decode()
+        leaks = [str(REPO), str(tmp_path), str(Path.home())]
+        if rel != "tokenizer/tokenizer.json":  # a vocabulary holds every short string there is
+            leaks.append(os.uname().nodename)
+        for leak in leaks:
+            assert leak not in text, f"{leak!r} found in {rel}"
+
+
+def test_example_plan_records_the_budget_and_split() -> None:
+    build = compile_recipe(EXAMPLE)
+    plan = build.plan
+    runtime = json.loads(build.files["runtime.json"])
+    # n_positions is the measured budget, and the runtime model uses exactly that
+    assert plan["model"]["n_positions"] == plan["tokens"]["max_total_tokens"] == runtime["model"]["n_positions"]
+    derived = {d["key"]: d for d in plan["derived"]}
+    assert "99%" in derived["model.n_positions"]["reason"]
+    # VADER tweets at +-0.5: 2,300 positive / 1,062 negative / 838 neutral (documented counts)
+    labels = plan["data"]["labels"]
+    totals = {k: labels["train"][k] + labels["heldout"][k] for k in labels["train"]}
+    assert totals == {"positive": 2300, "negative": 1062, "neutral": 838}
+    assert plan["data"]["split"]["train"] + plan["data"]["split"]["heldout"] == 4200
+    assert plan["data"]["split"]["heldout"] == 840
+    # every example fits the budget; the label (completion) is intact
+    for name in ("data/train.jsonl", "data/heldout.jsonl"):
+        for line in build.files[name].decode().splitlines():
+            record = json.loads(line)
+            assert len(record["prompt"]) + len(record["completion"]) <= plan["tokens"]["max_total_tokens"]
+            assert len(record["completion"]) == 1
+    assert plan["tokens"]["truncated_examples"] > 0
+    assert plan["summary"].startswith("Plan: 1 stage, ")
+    assert build.files["plan.md"].decode().rstrip().endswith(plan["summary"])
+    assert runtime["schema_version"] == 1
+
+
+def test_truncated_tweets_are_prefixes_and_labels_intact() -> None:
+    from tokenizers import Tokenizer
+
+    build = compile_recipe(EXAMPLE)
+    tokenizer = Tokenizer.from_str(build.files["tokenizer/tokenizer.json"].decode())
+    budget = build.plan["tokens"]["max_total_tokens"]
+    shortened = 0
+    for line in build.files["data/train.jsonl"].decode().splitlines():
+        record = json.loads(line)
+        prompt = tokenizer.decode(record["prompt"])
+        assert prompt.startswith("Instruction: Classify the sentiment")
+        assert prompt.endswith("\nOutput:")
+        assert tokenizer.decode(record["completion"]) == " " + record["label"]
+        if len(record["prompt"]) + 1 == budget:
+            shortened += 1
+    assert shortened > 0
+
+
+def test_recompile_keeps_run_outputs_and_removes_stale_artifacts(tmp_path: Path) -> None:
+    recipe = write_json_recipe(tmp_path, base_recipe())
+    out = tmp_path / "build"
+    write_build(compile_recipe(recipe), out)
+    (out / "eval.json").write_text("{}")
+    (out / "model").mkdir()
+    (out / "model" / "config.json").write_text("{}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["old-artifact.txt"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "old-artifact.txt").write_text("stale")
+    write_build(compile_recipe(recipe), out)
+    assert (out / "eval.json").read_text() == "{}"
+    assert (out / "model" / "config.json").exists()
+    assert not (out / "old-artifact.txt").exists()

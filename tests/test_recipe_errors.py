@@ -1,0 +1,175 @@
+"""Bad recipes: every error at once, located, with a fix; exit code 1 and no traceback."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from compiler.diagnostics import RecipeError
+from compiler.loader import load_recipe
+from compiler.validate import validate
+from tests.conftest import base_recipe, run_cli, write_json_recipe
+
+BAD_TOML = textwrap.dedent(
+    """\
+    name = "bad"
+
+    [model]
+    n_embd = 128
+    n_layer = "four"
+    n_head = 4
+
+    [tokenizer]
+    asset = "gpt2-bpe"
+    eos_token = "<|endoftext|>"
+
+    [data]
+    source = { asset = "vader-tweets" }
+    format = "tsv"
+
+    [template]
+    prompt = "Input: {{ text }}"
+    completion = " {{ label }}"
+
+    [[stages]]
+    name = "sft"
+    kind = "sft"
+    learnig_rate = 2e-5
+
+    [eval]
+    label_field = "label"
+    """
+)
+
+
+def test_unknown_key_and_wrong_type_are_reported_together_with_positions(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD_TOML)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    by_key = {d.key: d for d in caught.value.diagnostics}
+    assert set(by_key) == {"model.n_layer", "stages.0.learnig_rate"}
+    typo = by_key["stages.0.learnig_rate"]
+    assert (typo.line, typo.column) == (23, 1)
+    assert typo.message == 'unknown key "learnig_rate" in [stages.0]'
+    assert typo.help == 'did you mean "learning_rate"?'
+    wrong = by_key["model.n_layer"]
+    assert (wrong.line, wrong.column) == (5, 1)
+    assert "valid integer" in wrong.message
+
+
+def test_cli_error_snapshot_exit_1_no_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD_TOML)
+    result = run_cli("validate", str(path), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    expected = textwrap.dedent(
+        """\
+        error: model.n_layer = "four": Input should be a valid integer, unable to parse string as an integer
+          --> bad.toml:5:1
+           | n_layer = "four"
+
+        error: unknown key "learnig_rate" in [stages.0]
+          --> bad.toml:23:1
+           | learnig_rate = 2e-5
+           = key: stages.0.learnig_rate
+           = help: did you mean "learning_rate"?
+
+        2 errors
+        """
+    )
+    assert result.stderr == expected
+    assert len(result.stderr.splitlines()) < 25  # one screen
+
+
+def test_compile_of_bad_recipe_exits_1_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD_TOML)
+    result = run_cli("compile", str(path), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_toml_syntax_points_at_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('name = "x"\n[model\nn_embd = 1\n')
+    result = run_cli("validate", str(path), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "invalid TOML" in result.stderr
+    assert "broken.toml:2:" in result.stderr
+
+
+def test_json_recipe_errors_have_positions(tmp_path: Path) -> None:
+    recipe = base_recipe()
+    recipe["stages"][0]["epochz"] = 3
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(recipe, indent=2))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    (diag,) = caught.value.diagnostics
+    lines = path.read_text().splitlines()
+    assert '"epochz"' in lines[diag.line - 1]
+    assert diag.help == 'did you mean "epochs"?'
+
+
+def test_enum_typo_suggests_the_value(tmp_path: Path) -> None:
+    path = write_json_recipe(tmp_path, base_recipe(data={"format": "tsvv"}))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    (diag,) = caught.value.diagnostics
+    assert diag.key == "data.format"
+    assert diag.help == 'did you mean "tsv"?'
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragment"),
+    [
+        ({"model": {"n_embd": 30, "n_head": 4}}, "model", "divisible by n_head"),
+        ({"name": "Has Spaces"}, "name", "lowercase"),
+        ({"data": {"source": {"asset": "vader-tweets", "path": "x.tsv"}}}, "data.source", "exactly one"),
+        ({"hardware": {"device": "cpu", "precision": "fp16"}}, "hardware", "needs a GPU"),
+    ],
+)
+def test_schema_rules_fail(tmp_path: Path, overrides: dict, key: str, fragment: str) -> None:
+    path = write_json_recipe(tmp_path, base_recipe(**overrides))
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert any(d.key == key and fragment in d.message for d in caught.value.diagnostics), caught.value
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragment"),
+    [
+        ({"template": {"prompt": "Input: {{ txt }}", "completion": " {{ label }}"}}, "template.prompt", "no field 'txt'"),
+        ({"eval": {"label_field": "sentiment"}}, "eval.label_field", "not a field"),
+        ({"budget": {"truncatable": ["label"]}}, "budget.truncatable", "never truncated"),
+        ({"tokenizer": {"asset": "gpt2-bpee", "eos_token": "<|endoftext|>",
+                        "special_tokens": {"<|endoftext|>": 50256}}}, "tokenizer.asset", "not a pinned asset"),
+        ({"data": {"source": {"path": "missing.tsv"}}}, "data.source.path", "not found"),
+        ({"model": {"n_positions": 16}, "budget": {"max_total_tokens": 32}}, "budget.max_total_tokens", "exceeds"),
+        ({"template": {"prompt": "{% if %}", "completion": "x"}}, "template.prompt", "syntax error"),
+    ],
+)
+def test_cross_field_rules_fail(tmp_path: Path, overrides: dict, key: str, fragment: str) -> None:
+    path = write_json_recipe(tmp_path, base_recipe(**overrides))
+    with pytest.raises(RecipeError) as caught:
+        validate(path)
+    assert any(d.key == key and fragment in d.message for d in caught.value.diagnostics), caught.value
+
+
+def test_base_recipe_passes(tiny_recipe: Path) -> None:
+    loaded, warnings = validate(tiny_recipe)
+    assert loaded.recipe.name == "tiny"
+    assert warnings == []
+
+
+def test_every_shipped_example_validates() -> None:
+    examples = sorted((Path(__file__).resolve().parent.parent / "specs" / "examples").glob("*.toml"))
+    assert examples
+    for path in examples:
+        validate(path)

@@ -1,0 +1,95 @@
+"""Runtime pieces in isolation: batching, loss masking, metrics, the build contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.config import IncompatibleBuildError, ModelSpec, load_runtime_config
+from runtime.data import IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, length_grouped_batches
+from runtime.evaluate import classification_report, extract_label
+from runtime.model import CompletionLoss, build_model
+
+
+def _examples() -> list[Encoded]:
+    return [
+        Encoded(prompt=(5, 6, 7), completion=(8,), label="a", line=1),
+        Encoded(prompt=(9,), completion=(10, 11), label="b", line=2),
+        Encoded(prompt=(1, 2, 3, 4, 5), completion=(6,), label="a", line=3),
+    ]
+
+
+def test_training_collate_masks_prompt_and_padding() -> None:
+    batch = collate_for_training(_examples(), pad_id=0)
+    assert batch["input_ids"].tolist()[1] == [9, 10, 11, 0, 0, 0]
+    assert batch["labels"].tolist()[1] == [IGNORE_INDEX, 10, 11, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    assert batch["labels"].tolist()[0] == [IGNORE_INDEX] * 3 + [8] + [IGNORE_INDEX] * 2
+    assert batch["attention_mask"].tolist()[0] == [1, 1, 1, 1, 0, 0]
+
+
+def test_prompt_collate_pads_left() -> None:
+    batch = collate_prompts_left_padded(_examples(), pad_id=0)
+    assert batch["input_ids"].tolist()[1] == [0, 0, 0, 0, 9]
+    assert batch["attention_mask"].tolist()[1] == [0, 0, 0, 0, 1]
+
+
+def test_length_grouping_is_a_permutation_with_less_padding() -> None:
+    import random
+
+    lengths = [random.Random(i).randint(5, 80) for i in range(1000)]
+    grouped = length_grouped_batches(lengths, 16, seed=1)
+    plain = length_grouped_batches(lengths, 16, seed=1, group=False)
+    for batches in (grouped, plain):
+        flat = sorted(i for b in batches for i in b)
+        assert flat == list(range(1000))
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 5
+    assert length_grouped_batches(lengths, 16, seed=2) != grouped  # reshuffled each epoch
+
+
+def test_completion_loss_equals_the_full_model_loss() -> None:
+    torch.manual_seed(0)
+    spec = ModelSpec(architecture="gpt2", init="scratch", vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
+                     n_head=2, dropout=0.0, eos_token_id=0, pad_token_id=0)
+    model = build_model(spec).eval()
+    batch = collate_for_training(_examples(), pad_id=0)
+    loss_sum, n = CompletionLoss(model)(**batch)
+    # Independent reference: transformers computes the shifted loss over all positions itself.
+    reference = model(**batch).loss
+    assert int(n) == 4
+    torch.testing.assert_close(loss_sum / n, reference)
+
+
+def test_classification_report_by_hand() -> None:
+    gold = ["pos", "pos", "neg", "neu", "pos", "neg"]
+    pred = ["pos", "neg", "neg", "pos", "pos", "xyz"]
+    r = classification_report(gold, pred, ["neg", "neu", "pos"], majority="pos")
+    assert r["accuracy"] == round(3 / 6, 4)
+    assert r["majority_baseline"] == 0.5
+    # pos: tp 2, predicted 3, support 3 -> p 2/3, r 2/3, f1 2/3
+    assert r["per_class"]["pos"]["f1"] == round(2 / 3, 4)
+    # neg: tp 1, predicted 2, support 2 -> p 0.5 r 0.5 f1 0.5 ; neu: 0
+    assert r["per_class"]["neg"]["precision"] == 0.5
+    assert r["macro_f1"] == round((2 / 3 + 0.5 + 0.0) / 3, 4)
+    assert r["invalid_predictions"] == 1
+    assert r["confusion"]["neg"] == {"neg": 1, "neu": 0, "pos": 0, "(other)": 1}
+
+
+@pytest.mark.parametrize(("text", "word"), [(" positive", "positive"), ("  Negative.", "negative"),
+                                             ("\nneutral stuff", "neutral"), ("", "")])
+def test_first_word_extraction(text: str, word: str) -> None:
+    assert extract_label(text, "first_word") == word
+
+
+def test_runtime_refuses_other_schema_versions(tmp_path: Path) -> None:
+    with pytest.raises(IncompatibleBuildError, match="not a build directory"):
+        load_runtime_config(tmp_path)
+    (tmp_path / "runtime.json").write_text(json.dumps({"schema_version": 999}))
+    with pytest.raises(IncompatibleBuildError, match="schema_version 999"):
+        load_runtime_config(tmp_path)
