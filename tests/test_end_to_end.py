@@ -1,0 +1,89 @@
+"""compile -> run -> eval through the CLI and the emitted torchrun launch, on tiny models."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import base_recipe, run_cli, write_json_recipe
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_compile_run_eval_on_real_tweets(tmp_path: Path) -> None:
+    recipe = base_recipe(
+        name="e2e",
+        model={"n_embd": 32, "n_layer": 2, "n_head": 2, "dropout": 0.0},
+        data={"source": {"asset": "vader-tweets"}, "split": {"heldout_fraction": 0.1, "seed": 3}},
+        budget={"max_total_tokens": "auto", "coverage": 0.98, "truncatable": ["text"]},
+        stages=[{"name": "sft", "kind": "sft", "epochs": 2, "micro_batch_size": 64, "learning_rate": 3e-3,
+                 "warmup_steps": 5, "log_every_steps": 5}],
+        eval={"label_field": "label", "batch_size": 128},
+    )
+    path = write_json_recipe(tmp_path, recipe)
+    build = tmp_path / "build"
+    compiled = run_cli("compile", str(path), "--out", str(build), cwd=tmp_path)
+    assert compiled.returncode == 0, compiled.stderr
+    ran = run_cli("run", str(build), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "held-out accuracy" in ran.stdout
+
+    # training really learned: the completion loss fell
+    metrics = _read_jsonl(build / "metrics.jsonl")
+    assert len(metrics) >= 4
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.2
+
+    # the model was saved with its tokenizer and the exact template
+    model_dir = build / "model"
+    assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+    template = json.loads((model_dir / "recipe_template.json").read_text())
+    assert template["prompt"] == recipe["template"]["prompt"]
+    config = json.loads((model_dir / "config.json").read_text())
+    plan = json.loads((build / "plan.json").read_text())
+    assert config["n_positions"] == plan["tokens"]["max_total_tokens"]
+
+    # eval.json agrees with an independent computation from the raw predictions and the data
+    report = json.loads((build / "eval.json").read_text())
+    predictions = _read_jsonl(build / "predictions.jsonl")
+    heldout = _read_jsonl(build / "data" / "heldout.jsonl")
+    assert report["n"] == len(predictions) == len(heldout) == 420
+    assert report["accuracy"] == round(sum(p["predicted"] == p["label"] for p in predictions) / 420, 4)
+    train_labels = Counter(r["label"] for r in _read_jsonl(build / "data" / "train.jsonl"))
+    majority = train_labels.most_common(1)[0][0]
+    assert report["majority_baseline"] == round(sum(r["label"] == majority for r in heldout) / 420, 4)
+    assert report["accuracy"] > 1 / 3  # better than guessing uniformly among three labels
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_trains(tmp_path: Path) -> None:
+    recipe = base_recipe(
+        name="ddp",
+        hardware={"device": "cpu", "nproc_per_node": 2},
+        stages=[{"name": "sft", "kind": "sft", "epochs": 4, "micro_batch_size": 2, "learning_rate": 1e-2,
+                 "log_every_steps": 1}],
+    )
+    path = write_json_recipe(tmp_path, recipe)
+    build = tmp_path / "build"
+    assert run_cli("compile", str(path), "--out", str(build), cwd=tmp_path).returncode == 0
+    assert "--nproc_per_node=2" in (build / "launch.sh").read_text()
+    ran = run_cli("run", str(build), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    metrics = _read_jsonl(build / "metrics.jsonl")
+    # 7 training rows in batches of 2 -> 4 batches, 2 per rank: 2 steps per epoch, 4 epochs
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    assert json.loads((build / "plan.json").read_text())["stages"][0]["steps"] == 8
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert json.loads((build / "eval.json").read_text())["n"] == 3
+
+
+def test_run_refuses_a_directory_that_is_not_a_build(tmp_path: Path) -> None:
+    result = run_cli("run", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "not a build directory" in result.stderr
+    assert "Traceback" not in result.stderr
