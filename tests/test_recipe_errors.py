@@ -173,3 +173,18 @@ def test_every_shipped_example_validates() -> None:
     assert examples
     for path in examples:
         validate(path)
+
+
+def test_validate_imports_no_heavy_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from compiler.cli import main; "
+        "rc = main(['validate', 'specs/examples/tweet-sentiment.toml']); "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules); "
+        "print(rc, heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stderr
