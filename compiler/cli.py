@@ -75,12 +75,32 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _check_build(build_dir: Path) -> None:
+    """Refuse a directory that is not a build, or whose compiled files changed since compile."""
+    import hashlib
+
     from runtime.config import IncompatibleBuildError, load_runtime_config
 
     try:
         load_runtime_config(build_dir)
     except IncompatibleBuildError as exc:
         raise RecipeError.single(str(exc)) from None
+    manifest_path = build_dir / "manifest.json"
+    try:
+        recorded = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RecipeError.single(
+            f"{manifest_path} is missing or unreadable", help="recompile the recipe with `recipe compile`"
+        ) from None
+    changed = []
+    for rel, sha256 in sorted(recorded.items()):
+        path = build_dir / rel
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+            changed.append(rel)
+    if changed:
+        raise RecipeError.single(
+            f"{build_dir} was changed after compile: {', '.join(changed)} no longer match manifest.json",
+            help="edit the recipe and recompile instead of editing build files",
+        )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -87,3 +87,16 @@ def test_run_refuses_a_directory_that_is_not_a_build(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "not a build directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_refuses_a_build_edited_after_compile(tmp_path: Path) -> None:
+    path = write_json_recipe(tmp_path, base_recipe())
+    build = tmp_path / "build"
+    assert run_cli("compile", str(path), "--out", str(build), cwd=tmp_path).returncode == 0
+    runtime = build / "runtime.json"
+    runtime.write_text(runtime.read_text().replace('"epochs": 1', '"epochs": 100'))
+    result = run_cli("run", str(build), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "runtime.json" in result.stderr and "changed after compile" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (build / "model").exists() and not (build / "metrics.jsonl").exists()
