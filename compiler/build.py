@@ -8,36 +8,59 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from compiler import plan as plan_module
-from compiler.assets import AssetError, AssetSpec, asset_path, load_catalog
-from compiler.budget import BudgetError, BudgetRequest, Example, TemplateRowError, TokenBudget, plan_budget
-from compiler.checks import resolve_data_path
-from compiler.data import Row, Split, read_rows, split_rows
+from compiler.assets import AssetError, AssetSpec, load_catalog
+from compiler.catalog import ModelFacts
+from compiler.checks import Context, model_facts, resolve_data_path, tokenizer_format
 from compiler.diagnostics import Diagnostic, RecipeError
-from compiler.estimate import Gpt2Shape, gpt2_parameters, gpt2_train_flops, gpt2_train_memory
+from compiler.estimate import MemoryEstimate, TrainSetup, train_flops, train_memory
 from compiler.loader import LoadedRecipe, display_path
-from compiler.templating import compile_template
-from compiler.tokenizer import Encoder, load_encoder
+from compiler.overrides import Override
+from compiler.params import (
+    Architecture,
+    architecture,
+    freeze_parameters,
+    lora_parameters,
+    parameters,
+    prefix_parameters,
+)
+from compiler.prepare import PreparedData, prepare_dataset
+from compiler.recipe import (
+    DpoStage,
+    FreezeAdapter,
+    LoraAdapter,
+    PpoStage,
+    PrefixAdapter,
+    PretrainedModel,
+    RewardStage,
+    ScratchModel,
+    Stage,
+    stage_adapter,
+    stage_dataset,
+    training,
+)
+from compiler.tokenizer import Encoder, folder_encoder, gguf_encoder, tiktoken_encoder
 from compiler.validate import validate
 from runtime.config import (
     SCHEMA_VERSION,
+    AdapterSpec,
     DataSpec,
     EvalSpec,
     HardwareSpec,
     ModelSpec,
     RuntimeConfig,
     StageSpec,
-    TemplateSpec,
     TokenizerSpec,
+    WeightsSpec,
 )
 
 MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer/tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -50,52 +73,62 @@ class Build:
     warnings: tuple[Diagnostic, ...]
 
 
-def compile_recipe(path: Path) -> Build:
-    """Validate, read and measure the data, choose budgets, estimate, and render the build files."""
-    loaded, warnings = validate(path)
-    recipe = loaded.recipe
-    catalog = load_catalog()
-    rows, data_file, data_label = _read_data(loaded, catalog)
-    split = split_rows(rows, recipe.data.split.heldout_fraction, recipe.data.split.seed)
-    encoder = _load_encoder(loaded, catalog)
-    budget, examples = _budget(loaded, split, encoder, data_label)
-    by_line = {e.line: e for e in examples}
-    train = [by_line[r.line] for r in split.train]
-    heldout = [by_line[r.line] for r in split.heldout]
+@dataclass(frozen=True)
+class StageEstimate:
+    """What the plan says about one stage."""
 
-    config = _runtime_config(loaded, encoder, budget, split)
-    shape = Gpt2Shape(
-        vocab_size=config.model.vocab_size,
-        n_positions=config.model.n_positions,
-        n_embd=config.model.n_embd,
-        n_layer=config.model.n_layer,
-        n_head=config.model.n_head,
-    )
-    label_field = recipe.eval.label_field
-    files: dict[str, bytes] = {
-        "runtime.json": config.to_json().encode(),
-        config.tokenizer.file: encoder.json.encode(),
-        config.data.train: _jsonl(train, split.train, label_field),
-        config.data.heldout: _jsonl(heldout, split.heldout, label_field),
-    }
+    trainable_parameters: int
+    steps: int
+    tokens: int
+    flops: int
+    memory: MemoryEstimate
+
+
+def compile_recipe(path: Path, overrides: Sequence[Override] = ()) -> Build:
+    """Validate, read and measure the data, choose budgets, estimate, and render the build files."""
+    loaded, warnings = validate(path, overrides)
+    recipe = loaded.recipe
+    assets = load_catalog()
+    facts, _ = model_facts(Context(loaded, {n: a.filename for n, a in assets.items()}))
+    assert facts is not None  # validate reported an unknown architecture already
+    encoder = _load_encoder(loaded, assets)
+    cap = _context_cap(recipe.model, facts)
+    eval_data = _eval_dataset(loaded)
+    prepared: dict[str, PreparedData] = {}
+    for name in _used_datasets(loaded):
+        label_field = recipe.eval.label_field if recipe.eval and name == eval_data else None
+        prepared[name] = prepare_dataset(loaded, name, assets, encoder, cap, label_field)
+    warnings = list(warnings) + [w for p in prepared.values() for w in p.warnings]
+
+    n_positions = _n_positions(recipe.model, facts, prepared)
+    vocab_size = encoder.vocab_size if isinstance(recipe.model, ScratchModel) else facts.vocab_size
+    arch = architecture(facts, vocab_size=vocab_size, n_positions=n_positions)
+    config = _runtime_config(loaded, facts, arch, encoder, prepared, n_positions, eval_data)
+    estimates = [_estimate(loaded, arch, stage, prepared[spec.data], config) for stage, spec in
+                 zip(recipe.stages, config.stages)]
+
+    files: dict[str, bytes] = {"runtime.json": config.to_json().encode()}
+    if encoder is not None:
+        files[TOKENIZER_FILE] = encoder.json.encode()
+    for name, data in prepared.items():
+        files[config.data[name].train] = data.train_jsonl
+        files[config.data[name].heldout] = data.heldout_jsonl
     plan = plan_module.build_plan(
         loaded=loaded,
         config=config,
-        shape=shape,
-        budget=budget,
-        split=split,
-        train=train,
-        data_label=data_label,
-        parameters=gpt2_parameters(shape),
-        flops_by_stage=[_stage_flops(shape, s, train) for s in config.stages],
-        memory_by_stage=[_stage_memory(shape, s, config, budget) for s in config.stages],
-        label_counts=_label_counts(split, label_field),
+        facts=facts,
+        arch=arch,
+        total_parameters=parameters(arch),
+        prepared=prepared,
+        estimates=estimates,
+        encoder_source=encoder.source if encoder else None,
+        overrides=overrides,
         warnings=warnings,
     )
     files["plan.json"] = (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode()
     files["plan.md"] = plan_module.render_markdown(plan).encode()
     files["launch.sh"] = plan_module.render_launch(config, display_path(loaded.path)).encode()
-    files[MANIFEST_FILE] = _manifest(loaded, files, data_file).encode()
+    files[MANIFEST_FILE] = _manifest(loaded, files, prepared).encode()
     return Build(name=recipe.name, files=files, plan=plan, warnings=tuple(warnings))
 
 
@@ -129,194 +162,251 @@ def _previous_artifacts(out_dir: Path) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# inputs
 
 
-def _read_data(loaded: LoadedRecipe, catalog: dict[str, AssetSpec]) -> tuple[list[Row], Path, str]:
-    source = loaded.recipe.data.source
-    if source.asset is not None:
-        try:
-            path = asset_path(catalog[source.asset])
-        except AssetError as exc:
-            raise RecipeError.single(str(exc), **loaded.where(("data", "source", "asset"))) from None
-        label = f"asset:{source.asset}/{path.name}"
-    else:
-        path = resolve_data_path(loaded.path, source.path)
-        label = display_path(path)
-    rows = read_rows(path, loaded.recipe.data, label)
-    if not rows:
-        raise RecipeError.single(f"{label} has no rows", **loaded.where(("data", "source")))
-    return rows, path, label
-
-
-def _load_encoder(loaded: LoadedRecipe, catalog: dict[str, AssetSpec]) -> Encoder:
+def _load_encoder(loaded: LoadedRecipe, assets: dict[str, AssetSpec]) -> Encoder | None:
+    """The tokenizer to measure with, or None when it is only on the hub."""
+    r = loaded.recipe
+    tok = r.tokenizer
     try:
-        return load_encoder(loaded.recipe.tokenizer, catalog[loaded.recipe.tokenizer.asset])
+        if tok is not None and tok.asset is not None:
+            spec = assets[tok.asset]
+            if tokenizer_format(tok, {n: a.filename for n, a in assets.items()}) == "tiktoken":
+                return tiktoken_encoder(spec, dict(tok.special_tokens), tok.eos_token)
+            return gguf_encoder(spec)
+        if tok is not None and tok.path is not None:
+            return folder_encoder(resolve_data_path(loaded.path, tok.path), tok.path)
+        if tok is not None and tok.hub is not None:
+            return None
+        model = r.model
+        if isinstance(model, PretrainedModel):
+            if model.asset is not None and assets[model.asset].filename.endswith(".gguf"):
+                return gguf_encoder(assets[model.asset])
+            if model.path is not None:
+                folder = resolve_data_path(loaded.path, model.path)
+                if (folder / "tokenizer.json").is_file():
+                    return folder_encoder(folder, model.path)
+        return None
     except AssetError as exc:
-        raise RecipeError.single(str(exc), **loaded.where(("tokenizer", "asset"))) from None
+        raise RecipeError.single(str(exc), **loaded.where(("tokenizer",) if tok else ("model",))) from None
 
 
-def _budget(loaded: LoadedRecipe, split: Split, encoder: Encoder, data_label: str) -> tuple[TokenBudget, list[Example]]:
+def _context_cap(model, facts: ModelFacts) -> int | None:
+    if isinstance(model, ScratchModel):
+        return model.n_positions if isinstance(model.n_positions, int) else None
+    return facts.max_positions
+
+
+def _used_datasets(loaded: LoadedRecipe) -> list[str]:
     r = loaded.recipe
-    eos_ids = (encoder.token_id(r.tokenizer.eos_token),) if r.template.add_eos else ()
-    request = BudgetRequest(
-        max_total_tokens=None if r.budget.max_total_tokens == "auto" else r.budget.max_total_tokens,
-        coverage=r.budget.coverage,
-        round_to=r.budget.round_to,
-        n_positions_cap=None if r.model.n_positions == "auto" else r.model.n_positions,
-        truncatable=tuple(r.budget.truncatable),
-        eos_ids=eos_ids,
+    names = [stage_dataset(r, s) for s in r.stages]
+    names += [s.ptx_data for s in r.stages if isinstance(s, PpoStage) and s.ptx_data]
+    if r.eval is not None:
+        names.append(_eval_dataset(loaded))
+    return list(dict.fromkeys(names))
+
+
+def _eval_dataset(loaded: LoadedRecipe) -> str:
+    r = loaded.recipe
+    if r.eval is not None and r.eval.data is not None:
+        return r.eval.data
+    stage = _eval_stage(loaded)
+    return stage_dataset(r, stage)
+
+
+def _eval_stage(loaded: LoadedRecipe) -> Stage:
+    r = loaded.recipe
+    name = r.eval.stage if r.eval and r.eval.stage else r.stages[-1].name
+    return next(s for s in r.stages if s.name == name)
+
+
+def _n_positions(model, facts: ModelFacts, prepared: dict[str, PreparedData]) -> int:
+    if isinstance(model, ScratchModel):
+        if isinstance(model.n_positions, int):
+            return model.n_positions
+        return max(p.max_total_tokens for p in prepared.values())
+    return facts.max_positions
+
+
+# ---------------------------------------------------------------------------------------------
+# the runtime contract
+
+
+def _adapter_spec(adapter) -> AdapterSpec:
+    params = adapter.model_dump(mode="json", exclude={"kind"})
+    return AdapterSpec(kind=adapter.kind, params=params)
+
+
+_STAGE_PARAMS_EXCLUDE = {"name", "kind", "data", "start", "adapter"}
+
+
+def _stage_spec(loaded: LoadedRecipe, stage: Stage) -> StageSpec:
+    r = loaded.recipe
+    t = training(r, stage)
+    own = {k: v for k, v in stage.model_dump(mode="json").items()
+           if k not in _STAGE_PARAMS_EXCLUDE and k not in t.model_fields}
+    return StageSpec(
+        name=stage.name,
+        kind=stage.kind,
+        data=stage_dataset(r, stage),
+        start=stage.start,
+        adapter=_adapter_spec(stage_adapter(r, stage)),
+        epochs=t.epochs,
+        max_steps=t.max_steps,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_schedule=t.lr_schedule,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optimizer=t.optimizer,
+        adam_betas=t.adam_betas,
+        adam_eps=t.adam_eps,
+        log_every_steps=t.log_every_steps,
+        save_every_steps=t.save_every_steps,
+        keep_checkpoints=t.keep_checkpoints,
+        length_grouping=t.length_grouping,
+        packing=t.packing,
+        params=own,
     )
-    rows = list(split.train) + list(split.heldout)
-    try:
-        return plan_budget(
-            rows, compile_template(r.template.prompt), compile_template(r.template.completion), encoder, request
-        )
-    except TemplateRowError as exc:
-        raise RecipeError(
-            [
-                Diagnostic("error", f"rendering row failed: {exc}", file=data_label, line=exc.line),
-                Diagnostic("error", "while rendering this template", **loaded.where(("template",))),
-            ]
-        ) from None
-    except BudgetError as exc:
-        lines = ", ".join(str(n) for n in exc.lines[:10]) + (" ..." if len(exc.lines) > 10 else "")
-        raise RecipeError.single(
-            str(exc) + (f" (rows at lines {lines} of {data_label})" if exc.lines else ""),
-            help="raise budget.max_total_tokens, shorten the template, or mark more fields truncatable",
-            **loaded.where(("budget",)),
-        ) from None
 
 
-def _runtime_config(loaded: LoadedRecipe, encoder: Encoder, budget: TokenBudget, split: Split) -> RuntimeConfig:
+def _runtime_config(loaded, facts, arch: Architecture, encoder, prepared, n_positions, eval_data) -> RuntimeConfig:
     r = loaded.recipe
-    eos_id = encoder.token_id(r.tokenizer.eos_token)
-    n_positions = budget.max_total_tokens if r.model.n_positions == "auto" else r.model.n_positions
-    labels = _eval_labels(loaded, split)
-    max_new = budget.max_completion_tokens if r.eval.max_new_tokens == "auto" else r.eval.max_new_tokens
+    model = r.model
+    eos = (r.tokenizer.eos_token if r.tokenizer and r.tokenizer.eos_token else None) or (encoder.eos_token if encoder else None)
+    pad = (r.tokenizer.pad_token if r.tokenizer and r.tokenizer.pad_token else None) or (encoder.pad_token if encoder else None) or eos
+    eos_id = encoder.token_id(eos) if encoder and eos else None
+    pad_id = encoder.token_id(pad) if encoder and pad else None
+    if isinstance(model, ScratchModel):
+        config = {"model_type": "gpt2", "n_embd": model.n_embd, "n_layer": model.n_layer, "n_head": model.n_head,
+                  "n_positions": n_positions, "vocab_size": arch.vocab_size, "resid_pdrop": model.dropout,
+                  "embd_pdrop": model.dropout, "attn_pdrop": model.dropout}
+        weights = None
+        trust, quant = False, "none"
+    else:
+        config = dict(facts.config)
+        weights = WeightsSpec(hub=model.hub, revision=model.revision,
+                              path=Path(display_path(resolve_data_path(loaded.path, model.path))).as_posix()
+                              if model.path else None,
+                              asset=model.asset)
+        trust, quant = model.trust_remote_code, model.quantization
+    data = {
+        name: DataSpec(
+            format=p.format,
+            template=p.template,
+            train=f"data/{name}/train.jsonl",
+            heldout=f"data/{name}/heldout.jsonl",
+            n_train=p.train_jsonl.count(b"\n"),
+            n_heldout=p.heldout_jsonl.count(b"\n"),
+            tokenized=p.measured,
+            max_total_tokens=p.max_total_tokens,
+        )
+        for name, p in prepared.items()
+    }
+    eval_spec = None
+    if r.eval is not None:
+        ev = r.eval
+        p = prepared[eval_data]
+        labels = _eval_labels(loaded, eval_data, p)
+        max_new = ev.max_new_tokens if ev.max_new_tokens != "auto" else max(1, p.max_completion_tokens)
+        eval_spec = EvalSpec(kind=ev.kind, data=eval_data, stage=_eval_stage(loaded).name, label_field=ev.label_field,
+                             labels=labels, extract=ev.extract, max_new_tokens=max_new, batch_size=ev.batch_size,
+                             samples=ev.samples)
+    hw = r.hardware
     return RuntimeConfig(
         schema_version=SCHEMA_VERSION,
         name=r.name,
         seed=r.seed,
-        model=ModelSpec(
-            architecture=r.model.architecture,
-            init=r.model.init,
-            vocab_size=encoder.vocab_size,
-            n_positions=n_positions,
-            n_embd=r.model.n_embd,
-            n_layer=r.model.n_layer,
-            n_head=r.model.n_head,
-            dropout=r.model.dropout,
-            eos_token_id=eos_id,
-            pad_token_id=eos_id,
-        ),
-        tokenizer=TokenizerSpec(file="tokenizer/tokenizer.json", eos_token=r.tokenizer.eos_token),
-        template=TemplateSpec(prompt=r.template.prompt, completion=r.template.completion, add_eos=r.template.add_eos),
-        data=DataSpec(
-            train="data/train.jsonl",
-            heldout="data/heldout.jsonl",
-            n_train=len(split.train),
-            n_heldout=len(split.heldout),
-        ),
-        stages=tuple(
-            StageSpec(
-                name=s.name,
-                kind=s.kind,
-                epochs=s.epochs,
-                micro_batch_size=s.micro_batch_size,
-                grad_accum=s.grad_accum,
-                learning_rate=s.learning_rate,
-                lr_schedule=s.lr_schedule,
-                warmup_steps=s.warmup_steps,
-                weight_decay=s.weight_decay,
-                max_grad_norm=s.max_grad_norm,
-                adam_betas=s.adam_betas,
-                log_every_steps=s.log_every_steps,
-                length_grouping=s.length_grouping,
-            )
-            for s in r.stages
-        ),
-        eval=EvalSpec(
-            kind=r.eval.kind,
-            label_field=r.eval.label_field,
-            labels=labels,
-            extract=r.eval.extract,
-            max_new_tokens=max_new,
-            batch_size=r.eval.batch_size,
-        ),
-        hardware=HardwareSpec(
-            device=r.hardware.device,
-            nproc_per_node=r.hardware.nproc_per_node,
-            nodes=r.hardware.nodes,
-            precision=r.hardware.precision,
-        ),
+        model=ModelSpec(init=model.init, family=facts.family, config=config, weights=weights, trust_remote_code=trust,
+                        quantization=quant, vocab_size=arch.vocab_size, n_positions=n_positions,
+                        eos_token_id=eos_id, pad_token_id=pad_id),
+        tokenizer=TokenizerSpec(file=TOKENIZER_FILE if encoder else None,
+                                hub=None if encoder else (r.tokenizer.hub if r.tokenizer and r.tokenizer.hub else getattr(model, "hub", None)),
+                                eos_token=eos, pad_token=pad),
+        data=data,
+        stages=tuple(_stage_spec(loaded, s) for s in r.stages),
+        eval=eval_spec,
+        hardware=HardwareSpec(device=hw.device, gpu=hw.gpu, nproc_per_node=hw.nproc_per_node, nodes=hw.nodes,
+                              precision=hw.precision, zero_stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
+                              offload_params=hw.offload_params, gradient_checkpointing=hw.gradient_checkpointing,
+                              attention=hw.attention),
     )
 
 
-def _eval_labels(loaded: LoadedRecipe, split: Split) -> tuple[str, ...]:
-    field = loaded.recipe.eval.label_field
-    for derive in loaded.recipe.data.derive:
-        if derive.name == field:
+def _eval_labels(loaded: LoadedRecipe, name: str, p: PreparedData) -> tuple[str, ...]:
+    ev = loaded.recipe.eval
+    if ev is None or ev.label_field is None:
+        return ()
+    for derive in loaded.recipe.data[name].derive:
+        if derive.name == ev.label_field:
             return tuple(derive.labels)
-    values = {str(r.fields.get(field)) for r in (*split.train, *split.heldout)}
-    return tuple(sorted(values))
+    if p.label_counts is None:
+        return ()
+    return tuple(sorted(set(p.label_counts["train"]) | set(p.label_counts["heldout"])))
 
 
-def _label_counts(split: Split, field: str) -> dict[str, dict[str, int]]:
-    return {
-        "train": dict(sorted(Counter(str(r.fields[field]) for r in split.train).items())),
-        "heldout": dict(sorted(Counter(str(r.fields[field]) for r in split.heldout).items())),
-    }
+# ---------------------------------------------------------------------------------------------
+# estimates
 
 
-def world_size(config: RuntimeConfig) -> int:
-    return config.hardware.nodes * config.hardware.nproc_per_node
+def trainable_parameters(arch: Architecture, adapter) -> int:
+    if isinstance(adapter, LoraAdapter):
+        return lora_parameters(arch, adapter.rank, adapter.targets)
+    if isinstance(adapter, PrefixAdapter):
+        return prefix_parameters(arch, adapter.num_virtual_tokens, adapter.projection, adapter.projection_hidden_size)
+    if isinstance(adapter, FreezeAdapter):
+        return freeze_parameters(arch, adapter.trainable_layers, adapter.train_embeddings)
+    return parameters(arch).total
 
 
-def steps_per_epoch(stage: StageSpec, n_train: int, world: int) -> int:
-    return math.ceil(n_train / (stage.micro_batch_size * stage.grad_accum * world))
-
-
-def _stage_flops(shape: Gpt2Shape, stage: StageSpec, train: list[Example]) -> int:
-    tokens = sum(len(e.prompt_ids) + len(e.completion_ids) for e in train)
-    supervised = sum(len(e.completion_ids) for e in train)
-    return stage.epochs * gpt2_train_flops(
-        shape, tokens=tokens, supervised_tokens=supervised, mean_seq_len=tokens / len(train)
-    )
-
-
-def _stage_memory(shape: Gpt2Shape, stage: StageSpec, config: RuntimeConfig, budget: TokenBudget):
-    return gpt2_train_memory(
-        shape,
-        micro_batch_size=stage.micro_batch_size,
-        seq_len=budget.max_total_tokens,
-        supervised_per_example=budget.max_completion_tokens,
-        precision=config.hardware.precision,
-        device=config.hardware.device,
-    )
-
-
-def _jsonl(examples: list[Example], rows: tuple[Row, ...], label_field: str) -> bytes:
-    lines = []
-    for example, row in zip(examples, rows):
-        record = {
-            "completion": list(example.completion_ids),
-            "label": str(row.fields[label_field]),
-            "line": example.line,
-            "prompt": list(example.prompt_ids),
-        }
-        lines.append(json.dumps(record, sort_keys=True, separators=(",", ":")))
-    return ("\n".join(lines) + "\n").encode()
+def _estimate(loaded: LoadedRecipe, arch: Architecture, stage: Stage, data: PreparedData,
+              config: RuntimeConfig) -> StageEstimate:
+    r = loaded.recipe
+    t = training(r, stage)
+    hw = r.hardware
+    world = hw.nodes * hw.nproc_per_node
+    total = parameters(arch)
+    trainable = trainable_parameters(arch, stage_adapter(r, stage))
+    n_train = config.data[stage_dataset(r, stage)].n_train
+    steps_per_epoch = max(1, -(-n_train // (t.micro_batch_size * t.grad_accum * world)))
+    steps = t.max_steps if t.max_steps is not None else steps_per_epoch * t.epochs
+    epochs = steps / steps_per_epoch
+    tokens = int(data.tokens_per_epoch * epochs)
+    supervised = int(data.supervised_per_epoch * epochs)
+    if isinstance(stage, (RewardStage, DpoStage)):
+        supervised = 0 if isinstance(stage, RewardStage) else supervised
+    flops = train_flops(arch, total.non_embedding, tokens=tokens, supervised_tokens=supervised,
+                        mean_seq_len=data.mean_seq_len, trainable_fraction=min(1.0, trainable / total.total))
+    per_example = data.max_completion_tokens if stage.kind == "sft" else data.max_total_tokens
+    quant = r.model.quantization if isinstance(r.model, PretrainedModel) else "none"
+    memory = train_memory(arch, TrainSetup(
+        total_parameters=total.total, trainable_parameters=trainable, micro_batch_size=t.micro_batch_size,
+        seq_len=data.max_total_tokens, supervised_per_example=max(1, per_example), precision=hw.precision,
+        device=hw.device, optimizer=t.optimizer, quantization=quant, world_size=world, zero_stage=hw.zero_stage,
+        offload_optimizer=hw.offload_optimizer, offload_params=hw.offload_params,
+        gradient_checkpointing=hw.gradient_checkpointing, attention=hw.attention))
+    return StageEstimate(trainable_parameters=trainable, steps=steps, tokens=tokens, flops=flops, memory=memory)
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _manifest(loaded: LoadedRecipe, files: dict[str, bytes], data_file: Path) -> str:
+def _manifest(loaded: LoadedRecipe, files: dict[str, bytes], prepared: dict[str, PreparedData]) -> str:
+    data = {}
+    for name, p in sorted(prepared.items()):
+        data[name] = {
+            "source": p.source_label,
+            "files": {path.name: _sha256(path.read_bytes()) for path in p.files},
+        }
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "recipe": {"file": Path(display_path(loaded.path)).as_posix(), "sha256": _sha256(loaded.text.encode())},
-        "data": {"sha256": _sha256(data_file.read_bytes())},
+        "data": data,
         "files": {rel: _sha256(content) for rel, content in sorted(files.items())},
     }
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+

@@ -1,151 +1,302 @@
-"""Cross-field rules a schema cannot express. Each returns diagnostics; none sets defaults."""
+"""Cross-field rules a schema cannot express. Each rule returns diagnostics; none sets defaults.
+
+Rules are plain functions taking a `Context`; `RULES` lists them in the order they report.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
+from compiler.catalog import (
+    CatalogError,
+    ModelFacts,
+    catalog_name_for_hub,
+    facts_from_config_json,
+    hardware_catalog,
+    load_accelerator,
+    load_model_facts,
+    model_catalog,
+)
 from compiler.diagnostics import Diagnostic, did_you_mean
 from compiler.loader import LoadedRecipe
-from compiler.templating import TemplateError, compile_template
+from compiler.recipe import FreezeAdapter, FullAdapter, LoraAdapter, PretrainedModel, Recipe, ScratchModel, TokenizerSection
+
+Key = tuple[str | int, ...]
 
 
-def check_recipe(loaded: LoadedRecipe, asset_names: set[str]) -> list[Diagnostic]:
-    """Every cross-field problem at once, each located in the recipe file."""
-    r = loaded.recipe
-    out: list[Diagnostic] = []
-    out += _check_assets(loaded, asset_names)
-    out += _check_source_path(loaded)
-    known = _known_fields(loaded)
-    variables: dict[str, frozenset[str]] = {}
-    for part in ("prompt", "completion"):
-        try:
-            variables[part] = compile_template(getattr(r.template, part)).variables
-        except TemplateError as exc:
-            out.append(Diagnostic("error", f"template.{part}: {exc}", **loaded.where(("template", part))))
-    if known is not None:
-        for part, names in variables.items():
-            for name in sorted(names - known):
-                out.append(
-                    Diagnostic(
-                        "error",
-                        f"template.{part} uses {{{{ {name} }}}} but the data has no field {name!r}",
-                        help=did_you_mean(name, known) or f"fields available: {', '.join(sorted(known))}",
-                        **loaded.where(("template", part)),
-                    )
-                )
-        if r.eval.label_field not in known:
-            out.append(
-                Diagnostic(
-                    "error",
-                    f"eval.label_field = {r.eval.label_field!r} is not a field of the data",
-                    help=did_you_mean(r.eval.label_field, known) or f"fields: {', '.join(sorted(known))}",
-                    **loaded.where(("eval", "label_field")),
-                )
-            )
-        for i, derive in enumerate(r.data.derive):
-            earlier = set(r.data.columns or []) | {d.name for d in r.data.derive[:i]}
-            if r.data.columns is not None and derive.source not in earlier:
-                out.append(
-                    Diagnostic(
-                        "error",
-                        f"data.derive[{i}] reads {derive.source!r}, which is not a column",
-                        help=did_you_mean(derive.source, earlier),
-                        **loaded.where(("data", "derive", i, "from")),
-                    )
-                )
-    for i, name in enumerate(r.budget.truncatable):
-        if "prompt" in variables and name not in variables["prompt"]:
-            out.append(
-                Diagnostic(
-                    "error",
-                    f"budget.truncatable names {name!r}, which template.prompt does not use",
-                    help=did_you_mean(name, variables["prompt"]),
-                    **loaded.where(("budget", "truncatable")),
-                )
-            )
-        if name in variables.get("completion", ()):
-            out.append(
-                Diagnostic(
-                    "error",
-                    f"budget.truncatable names {name!r}, which template.completion uses; "
-                    "the completion is never truncated",
-                    help=f"remove {name!r} from budget.truncatable",
-                    **loaded.where(("budget", "truncatable")),
-                )
-            )
-    if r.tokenizer.eos_token not in r.tokenizer.special_tokens:
-        out.append(
-            Diagnostic(
-                "error",
-                f"tokenizer.eos_token = {r.tokenizer.eos_token!r} is not in tokenizer.special_tokens",
-                help=f'add {{ "{r.tokenizer.eos_token}" = ID }} to tokenizer.special_tokens',
-                **loaded.where(("tokenizer", "eos_token")),
-            )
-        )
-    n_pos, total = r.model.n_positions, r.budget.max_total_tokens
-    if isinstance(n_pos, int) and isinstance(total, int) and total > n_pos:
-        out.append(
-            Diagnostic(
-                "error",
-                f"budget.max_total_tokens = {total} exceeds model.n_positions = {n_pos}",
-                help='set model.n_positions = "auto" to size the model from the budget',
-                **loaded.where(("budget", "max_total_tokens")),
-            )
-        )
-    if r.hardware.device == "cpu" and r.hardware.gpu is not None:
-        out.append(
-            Diagnostic(
-                "error",
-                f'hardware.gpu = {r.hardware.gpu!r} needs hardware.device = "cuda"',
-                **loaded.where(("hardware", "gpu")),
-            )
-        )
-    return out
+@dataclass(frozen=True)
+class Context:
+    loaded: LoadedRecipe
+    assets: dict[str, str]  # pinned asset name -> file name
 
+    @property
+    def recipe(self) -> Recipe:
+        return self.loaded.recipe
 
-def _known_fields(loaded: LoadedRecipe) -> set[str] | None:
-    """Fields every row will have, when the recipe declares its columns (else known after reading)."""
-    data = loaded.recipe.data
-    if data.columns is None:
-        return None
-    return set(data.columns) | {d.name for d in data.derive}
+    def error(self, message: str, key: Key, help: str | None = None) -> Diagnostic:
+        return Diagnostic("error", message, help=help, **self.loaded.where(key))
 
+    def warning(self, message: str, key: Key, help: str | None = None) -> Diagnostic:
+        return Diagnostic("warning", message, help=help, **self.loaded.where(key))
 
-def _check_assets(loaded: LoadedRecipe, asset_names: set[str]) -> list[Diagnostic]:
-    r = loaded.recipe
-    wanted = [(("tokenizer", "asset"), r.tokenizer.asset)]
-    if r.data.source.asset is not None:
-        wanted.append((("data", "source", "asset"), r.data.source.asset))
-    out = []
-    for key, name in wanted:
-        if name not in asset_names:
-            out.append(
-                Diagnostic(
-                    "error",
-                    f"{'.'.join(key)} = {name!r} is not a pinned asset",
-                    help=did_you_mean(name, asset_names) or f"known assets: {', '.join(sorted(asset_names))}",
-                    **loaded.where(key),
-                )
-            )
-    return out
-
-
-def _check_source_path(loaded: LoadedRecipe) -> list[Diagnostic]:
-    path = loaded.recipe.data.source.path
-    if path is None:
-        return []
-    resolved = resolve_data_path(loaded.path, path)
-    if not resolved.is_file():
-        return [
-            Diagnostic(
-                "error",
-                f"data.source.path = {path!r} not found (looked at {resolved})",
-                help="paths are relative to the recipe file",
-                **loaded.where(("data", "source", "path")),
-            )
-        ]
-    return []
+    def path(self, relative: str) -> Path:
+        return resolve_data_path(self.loaded.path, relative)
 
 
 def resolve_data_path(recipe_path: Path, path: str) -> Path:
+    """Paths in a recipe are relative to the recipe file."""
     return (recipe_path.parent / path) if not Path(path).is_absolute() else Path(path)
+
+
+def q(value: object) -> str:
+    """A value quoted the way the user wrote it (JSON style, which TOML shares for strings)."""
+    return json.dumps(value)
+
+
+def suggest(word: str, choices: Iterable[str], noun: str) -> str:
+    choices = sorted(set(choices))
+    return did_you_mean(word, choices) or f"{noun}: {', '.join(choices) if choices else '(none)'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# model and tokenizer
+
+
+def model_facts(ctx: Context) -> tuple[ModelFacts | None, list[Diagnostic]]:
+    """The architecture the recipe trains, or the diagnostics saying why it is unknown."""
+    model = ctx.recipe.model
+    if isinstance(model, ScratchModel):
+        return scratch_facts(model), []
+    if model.catalog is not None:
+        if model.catalog not in model_catalog():
+            return None, [
+                ctx.error(
+                    f"model.catalog = {q(model.catalog)} is not in the model catalog (specs/models)",
+                    ("model", "catalog"),
+                    suggest(model.catalog, model_catalog(), "catalog entries"),
+                )
+            ]
+        return load_model_facts(model.catalog), []
+    config = model.config
+    if config is None and model.path is not None:
+        config = str(Path(model.path) / "config.json")
+    if config is not None:
+        key = ("model", "config") if model.config is not None else ("model", "path")
+        try:
+            return facts_from_config_json(ctx.path(config)), []
+        except CatalogError as exc:
+            return None, [ctx.error(str(exc), key, "point at the checkpoint's config.json, or name a catalog entry")]
+    found = catalog_name_for_hub(model.hub) if model.hub else None
+    if found is not None:
+        return load_model_facts(found), []
+    source = f"model.hub = {q(model.hub)}" if model.hub else f"model.asset = {q(model.asset)}"
+    return None, [
+        ctx.error(
+            f"the architecture of {source} is unknown",
+            ("model",),
+            'add catalog = "<entry under specs/models>" or config = "path/to/config.json" to [model]',
+        )
+    ]
+
+
+def scratch_facts(model: ScratchModel, n_positions: int = 1024, vocab_size: int = 50257) -> ModelFacts:
+    return ModelFacts(
+        name="scratch",
+        family="gpt2",
+        config={
+            "model_type": "gpt2",
+            "n_embd": model.n_embd,
+            "n_layer": model.n_layer,
+            "n_head": model.n_head,
+            "n_positions": model.n_positions if isinstance(model.n_positions, int) else n_positions,
+            "vocab_size": vocab_size,
+        },
+    )
+
+
+def _check_model(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
+    model, out = ctx.recipe.model, []
+    if isinstance(model, PretrainedModel):
+        if model.path is not None and not ctx.path(model.path).is_dir():
+            out.append(ctx.error(f"model.path = {q(model.path)} is not a directory", ("model", "path"),
+                                 "paths are relative to the recipe file"))
+        if facts is not None and facts.family == "chatglm" and not model.trust_remote_code:
+            out.append(ctx.error(
+                f"{facts.name} ships its own modelling code, which runs only with trust_remote_code = true",
+                ("model",),
+                "review the checkpoint's Python files, then set trust_remote_code = true in [model]",
+            ))
+        if model.quantization != "none":
+            for key, adapter in _adapters(ctx.recipe):
+                if isinstance(adapter, (FullAdapter, FreezeAdapter)):
+                    out.append(ctx.error(
+                        f'model.quantization = "{model.quantization}" freezes the base weights, '
+                        f'but {".".join(map(str, key))} trains them ({adapter.kind})',
+                        key,
+                        'use kind = "lora" or "prefix", or quantization = "none"',
+                    ))
+    tokens = ctx.recipe.tokens.max_total
+    if facts is not None and isinstance(model, PretrainedModel) and isinstance(tokens, int):
+        if tokens > facts.max_positions:
+            out.append(ctx.error(
+                f"tokens.max_total = {tokens} exceeds the context length of {facts.name} ({facts.max_positions})",
+                ("tokens", "max_total"),
+                f"set tokens.max_total to at most {facts.max_positions}",
+            ))
+    if isinstance(model, ScratchModel) and isinstance(model.n_positions, int) and isinstance(tokens, int):
+        if tokens > model.n_positions:
+            out.append(ctx.error(
+                f"tokens.max_total = {tokens} exceeds model.n_positions = {model.n_positions}",
+                ("tokens", "max_total"),
+                'set model.n_positions = "auto" to size the model from the budget',
+            ))
+    return out
+
+
+def _check_tokenizer(ctx: Context) -> list[Diagnostic]:
+    r, out = ctx.recipe, []
+    tok = r.tokenizer
+    if isinstance(r.model, ScratchModel) and (tok is None or (tok.asset, tok.path, tok.hub) == (None, None, None)):
+        return [ctx.error(
+            "a model trained from scratch needs a tokenizer",
+            ("tokenizer",) if tok else ("model",),
+            'add [tokenizer] with asset = "gpt2-bpe" (or path = "..."), special_tokens and eos_token',
+        )]
+    if tok is None:
+        return []
+    if tok.path is not None and not ctx.path(tok.path).exists():
+        out.append(ctx.error(f"tokenizer.path = {q(tok.path)} not found", ("tokenizer", "path"),
+                             "paths are relative to the recipe file"))
+    if tokenizer_format(tok, ctx.assets) == "tiktoken":
+        if tok.eos_token is None:
+            out.append(ctx.error("a tiktoken tokenizer needs eos_token", ("tokenizer",),
+                                 'add eos_token = "<|endoftext|>" and list it in special_tokens'))
+        elif tok.eos_token not in tok.special_tokens:
+            out.append(ctx.error(
+                f"tokenizer.eos_token = {q(tok.eos_token)} is not in tokenizer.special_tokens",
+                ("tokenizer", "eos_token"),
+                f'add {{ "{tok.eos_token}" = ID }} to tokenizer.special_tokens',
+            ))
+    if tok.pad_token is not None and tok.special_tokens and tok.pad_token not in tok.special_tokens:
+        out.append(ctx.error(f"tokenizer.pad_token = {q(tok.pad_token)} is not in tokenizer.special_tokens",
+                             ("tokenizer", "pad_token")))
+    return out
+
+
+def tokenizer_format(tok: TokenizerSection, assets: dict[str, str]) -> str:
+    """The tokenizer file format: as written, else by the asset's file extension."""
+    if tok.format is not None:
+        return tok.format
+    if tok.asset is not None:
+        suffix = Path(assets.get(tok.asset, "")).suffix
+        return {".tiktoken": "tiktoken", ".gguf": "gguf"}.get(suffix, "huggingface")
+    return "huggingface"
+
+
+def _check_assets(ctx: Context) -> list[Diagnostic]:
+    r = ctx.recipe
+    wanted: list[tuple[Key, str]] = []
+    if r.tokenizer is not None and r.tokenizer.asset is not None:
+        wanted.append((("tokenizer", "asset"), r.tokenizer.asset))
+    if isinstance(r.model, PretrainedModel) and r.model.asset is not None:
+        wanted.append((("model", "asset"), r.model.asset))
+    for name, ds in r.data.items():
+        if ds.source.asset is not None:
+            wanted.append((("data", name, "source", "asset"), ds.source.asset))
+    return [
+        ctx.error(f"{'.'.join(map(str, key))} = {q(name)} is not a pinned asset", key,
+                  suggest(name, ctx.assets, "known assets"))
+        for key, name in wanted
+        if name not in ctx.assets
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters
+
+
+def _adapters(recipe: Recipe) -> list[tuple[Key, object]]:
+    out: list[tuple[Key, object]] = [(("adapter",), recipe.adapter)]
+    out += [(("stages", i, "adapter"), s.adapter) for i, s in enumerate(recipe.stages) if s.adapter is not None]
+    return out
+
+
+def _check_adapters(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
+    if facts is None:
+        return []
+    out = []
+    for key, adapter in _adapters(ctx.recipe):
+        if isinstance(adapter, LoraAdapter) and isinstance(adapter.targets, list):
+            known = facts.linear_modules
+            for i, target in enumerate(adapter.targets):
+                if target not in known:
+                    out.append(ctx.error(
+                        f"{'.'.join(map(str, key))}.targets names {q(target)}, which is not a linear layer of "
+                        f"{facts.family} blocks",
+                        key + ("targets",),
+                        suggest(target, known, f"{facts.family} linear layers"),
+                    ))
+        if isinstance(adapter, FreezeAdapter):
+            layers = adapter.trainable_layers
+            too_many = layers > facts.num_layers if isinstance(layers, int) else any(i >= facts.num_layers for i in layers)
+            if too_many:
+                out.append(ctx.error(
+                    f"{'.'.join(map(str, key))}.trainable_layers = {layers} but the model has {facts.num_layers} layers "
+                    f"(indices 0..{facts.num_layers - 1})",
+                    key + ("trainable_layers",),
+                ))
+            for name in adapter.trainable_modules:
+                if name not in facts.block_submodules and name not in facts.linear_modules:
+                    out.append(ctx.error(
+                        f"{'.'.join(map(str, key))}.trainable_modules names {q(name)}, which is not part of a "
+                        f"{facts.family} block",
+                        key + ("trainable_modules",),
+                        suggest(name, facts.block_submodules + facts.linear_modules, "modules"),
+                    ))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# hardware
+
+
+def _check_hardware(ctx: Context) -> list[Diagnostic]:
+    hw, out = ctx.recipe.hardware, []
+    if hw.gpu is not None:
+        if hw.device != "cuda":
+            out.append(ctx.error(f'hardware.gpu = {q(hw.gpu)} needs hardware.device = "cuda"', ("hardware", "gpu")))
+        if hw.gpu not in hardware_catalog():
+            out.append(ctx.error(f"hardware.gpu = {q(hw.gpu)} is not in the hardware catalog (specs/hardware)",
+                                 ("hardware", "gpu"), suggest(hw.gpu, hardware_catalog(), "GPUs")))
+        elif hw.precision == "bf16" and not load_accelerator(hw.gpu).bf16_supported:
+            out.append(ctx.error(f"{hw.gpu} has no bf16 support", ("hardware", "precision"),
+                                 'use precision = "fp16" (with loss scaling) or "fp32"'))
+    elif hw.device == "cuda":
+        out.append(ctx.warning("hardware.gpu is not set: the plan cannot check memory or estimate time and cost",
+                               ("hardware", "device"), 'add gpu = "h100-sxm-80gb" (see specs/hardware)'))
+    if hw.zero_stage > 0 and hw.nodes * hw.nproc_per_node == 1 and not (hw.offload_optimizer or hw.offload_params):
+        out.append(ctx.warning(f"zero_stage = {hw.zero_stage} with a single process shards nothing",
+                               ("hardware", "zero_stage"), "use more processes, enable offload, or zero_stage = 0"))
+    return out
+
+
+RULES_BEFORE_DATA: tuple[Callable[[Context], list[Diagnostic]], ...] = (_check_assets, _check_tokenizer, _check_hardware)
+
+
+def check_recipe(loaded: LoadedRecipe, assets: dict[str, str]) -> list[Diagnostic]:
+    """Every cross-field problem at once, each located in the recipe file.
+
+    `assets` maps each pinned asset's name to its file name (which tells its format)."""
+    from compiler.checks_data import check_data_and_stages
+
+    ctx = Context(loaded=loaded, assets=dict(assets))
+    facts, out = model_facts(ctx)
+    out += _check_model(ctx, facts)
+    for rule in RULES_BEFORE_DATA:
+        out += rule(ctx)
+    out += _check_adapters(ctx, facts)
+    out += check_data_and_stages(ctx)
+    return sorted(out, key=lambda d: (d.severity != "error", d.line or 0, d.column or 0, d.message))

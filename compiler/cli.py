@@ -20,13 +20,20 @@ from compiler.diagnostics import RecipeError, render_all
 EXIT_OK, EXIT_USER, EXIT_BUG = 0, 1, 2
 
 
+def _overrides(args: argparse.Namespace) -> list:
+    from compiler.overrides import parse_override
+
+    return [parse_override(text) for text in getattr(args, "set", None) or []]
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from compiler.validate import validate
 
+    overrides = _overrides(args)
     failed = False
     for path in args.recipes:
         try:
-            _, warnings = validate(Path(path))
+            _, warnings = validate(Path(path), overrides)
         except RecipeError as exc:
             print(render_all(exc.diagnostics), file=sys.stderr)
             failed = True
@@ -40,7 +47,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from compiler.build import compile_recipe, write_build
 
-    build = compile_recipe(Path(args.recipe))
+    build = compile_recipe(Path(args.recipe), _overrides(args))
     out = Path(args.out) if args.out else Path("build") / build.name
     write_build(build, out)
     if build.warnings:
@@ -53,8 +60,20 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from compiler.build import compile_recipe
 
-    build = compile_recipe(Path(args.recipe))
+    build = compile_recipe(Path(args.recipe), _overrides(args))
     sys.stdout.write(build.files["plan.json" if args.json else "plan.md"].decode())
+    return EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from compiler.schema import recipe_json_schema
+
+    text = recipe_json_schema()
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
     return EXIT_OK
 
 
@@ -78,12 +97,18 @@ def _check_build(build_dir: Path) -> None:
     """Refuse a directory that is not a build, or whose compiled files changed since compile."""
     import hashlib
 
-    from runtime.config import IncompatibleBuildError, load_runtime_config
+    from runtime.config import IncompatibleBuildError, load_runtime_config, unsupported
 
     try:
-        load_runtime_config(build_dir)
+        config = load_runtime_config(build_dir)
     except IncompatibleBuildError as exc:
         raise RecipeError.single(str(exc)) from None
+    missing = unsupported(config)
+    if missing:
+        raise RecipeError.single(
+            f"{build_dir} compiled, but this runtime cannot execute it yet: " + "; ".join(missing),
+            help="the plan (plan.md) is valid; train it with a runtime that supports these features",
+        )
     manifest_path = build_dir / "manifest.json"
     try:
         recorded = json.loads(manifest_path.read_text())["files"]
@@ -131,6 +156,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _print_eval(build_dir: Path) -> None:
     path = build_dir / "eval.json"
+    if not path.is_file():
+        return
     report = json.loads(path.read_text())
     acc, base = report["accuracy"], report["majority_baseline"]
     print(
@@ -143,19 +170,28 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recipe", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    set_help = "override one recipe value, e.g. --set train.learning_rate=1e-4 (repeatable; shown in the plan)"
+
     p = sub.add_parser("validate", help="check recipes (schema and cross-field rules; reads no data)")
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("compile", help="measure the data, plan, and write build/<name>/")
     p.add_argument("recipe", metavar="RECIPE")
     p.add_argument("--out", metavar="DIR", help="build directory (default: build/<name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("plan", help="compile in memory and print the plan")
     p.add_argument("recipe", metavar="RECIPE")
     p.add_argument("--json", action="store_true", help="print plan.json instead of plan.md")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("schema", help="print the recipe JSON Schema (for editors and CI)")
+    p.add_argument("--out", metavar="FILE", help="write it to FILE instead of stdout")
+    p.set_defaults(func=_cmd_schema)
 
     p = sub.add_parser("run", help="train and evaluate a compiled build")
     p.add_argument("build", metavar="BUILD_DIR")

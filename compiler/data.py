@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.diagnostics import Diagnostic, RecipeError
-from compiler.recipe import DataSection, DeriveBins
+from compiler.recipe import FORMAT_FIELDS, Dataset, DeriveBins
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,55 @@ class Split:
         return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def read_rows(path: Path, section: DataSection, display: str) -> list[Row]:
-    """Parse the file by its declared format, then apply `html_unescape` and `derive`."""
+def read_rows(paths: list[Path], ds: Dataset, fmt: str, display: str) -> list[Row]:
+    """Parse the files (`fmt`: tsv, csv, json or jsonl), rename fields, then apply
+    `html_unescape` and `derive`. Every problem is reported with its row's line."""
+    rows: list[Row] = []
+    for path in paths:
+        shown = display if len(paths) == 1 else f"{display}/{path.name}"
+        text = _read_text(path, shown)
+        if fmt in ("tsv", "csv"):
+            rows += _read_delimited(text, "\t" if fmt == "tsv" else ",", ds.columns, shown)
+        elif fmt == "json":
+            rows += _read_json_array(text, shown)
+        else:
+            rows += _read_jsonl(text, shown)
+    if ds.max_rows is not None:
+        rows = rows[: ds.max_rows]
+    errors: list[Diagnostic] = []
+    out = []
+    required = FORMAT_FIELDS[ds.format]
+    for row in rows:
+        fields = dict(row.fields)
+        for target, source in ds.fields.items():
+            if source in fields:
+                fields[target] = fields.pop(source)
+        missing = [f for f in required if f not in fields and not (f == "input" and ds.format == "instruction")]
+        if missing:
+            errors.append(Diagnostic("error", f"row has no {', '.join(repr(m) for m in missing)} ({ds.format} format)",
+                                     file=display, line=row.line,
+                                     help="map the file's keys with fields = { name = \"file_key\" }"))
+            continue
+        for name in ds.html_unescape:
+            if isinstance(fields.get(name), str):
+                fields[name] = html.unescape(fields[name])
+        for derive in ds.derive:
+            value, problem = _bin(derive, fields.get(derive.source))
+            if problem:
+                errors.append(Diagnostic("error", problem, file=display, line=row.line, key=derive.source))
+            fields[derive.name] = value
+        if ds.format == "instruction":
+            fields.setdefault("input", "")
+        out.append(Row(row.line, fields))
+    if errors:
+        raise RecipeError(_cap(errors))
+    return out
+
+
+def _read_text(path: Path, display: str) -> str:
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise RecipeError.single(
@@ -50,26 +94,39 @@ def read_rows(path: Path, section: DataSection, display: str) -> list[Row]:
             line=line,
             help="re-encode the file as UTF-8",
         ) from None
-    if section.format in ("tsv", "csv"):
-        rows = _read_delimited(text, "\t" if section.format == "tsv" else ",", section.columns, display)
-    else:
-        rows = _read_jsonl(text, display)
-    errors: list[Diagnostic] = []
-    out = []
-    for row in rows:
-        fields = dict(row.fields)
-        for name in section.html_unescape:
-            if isinstance(fields.get(name), str):
-                fields[name] = html.unescape(fields[name])
-        for derive in section.derive:
-            value, problem = _bin(derive, fields.get(derive.source))
-            if problem:
-                errors.append(Diagnostic("error", problem, file=display, line=row.line, key=derive.source))
-            fields[derive.name] = value
-        out.append(Row(row.line, fields))
-    if errors:
-        raise RecipeError(_cap(errors))
-    return out
+
+
+def _read_json_array(text: str, display: str) -> list[Row]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecipeError.single(f"invalid JSON: {exc.msg}", file=display, line=exc.lineno, column=exc.colno) from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise RecipeError.single(f"{display} must hold a JSON array of objects", file=display, line=1,
+                                 help="or store one object per line as .jsonl")
+    # Positions of the records: the line each top-level object starts on.
+    lines, depth, line = [], 0, 1
+    in_string = escaped = False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            continue
+        if ch == '"':
+            in_string = True
+        elif ch in "[{":
+            if depth == 1 and ch == "{":
+                lines.append(line)
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return [Row(n, v) for n, v in zip(lines, value)]
 
 
 def _cap(errors: list[Diagnostic], limit: int = 20) -> list[Diagnostic]:

@@ -10,13 +10,14 @@ import re
 import tomllib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import BaseModel, ValidationError
 
 from compiler.diagnostics import Diagnostic, RecipeError, did_you_mean
+from compiler.overrides import Override, apply_overrides
 from compiler.recipe import Recipe
 from compiler.source_map import SourceMap, json_source_map, toml_source_map
 
@@ -27,18 +28,28 @@ class LoadedRecipe:
     path: Path
     text: str
     source_map: SourceMap
+    overrides: dict[str, Override] = field(default_factory=dict)  # dotted key -> the --set that set it
 
     def where(self, key: tuple[str | int, ...]) -> dict[str, Any]:
         """Keyword arguments locating `key` for a Diagnostic."""
-        pos, _ = self.source_map.locate(key)
-        line, column = pos if pos else (None, None)
-        return {
-            "file": display_path(self.path),
-            "line": line,
-            "column": column,
-            "key": ".".join(str(k) for k in key) or None,
-            "source_line": self.source_map.line_text(line) if line else None,
-        }
+        return _where(display_path(self.path), self.source_map, self.overrides, tuple(str(k) for k in key))
+
+
+def _where(file: str, smap: SourceMap, overrides: dict[str, Override], key: tuple[str, ...]) -> dict[str, Any]:
+    dotted = ".".join(key)
+    for landed, override in overrides.items():
+        if dotted == landed or dotted.startswith(landed + "."):
+            return {"file": "command line", "line": None, "column": None, "key": dotted or None,
+                    "source_line": f"--set {override.text}"}
+    pos, _ = smap.locate(key)
+    line, column = pos if pos else (None, None)
+    return {
+        "file": file,
+        "line": line,
+        "column": column,
+        "key": dotted or None,
+        "source_line": smap.line_text(line) if line else None,
+    }
 
 
 def display_path(path: Path) -> str:
@@ -104,74 +115,93 @@ def _toml_error_position(message: str) -> tuple[int | None, int | None]:
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
 
-def load_recipe(path: Path) -> LoadedRecipe:
-    """Parse and validate; raise RecipeError with every schema problem found."""
+def load_recipe(path: Path, overrides: Sequence[Override] = ()) -> LoadedRecipe:
+    """Parse, apply `--set` overrides, and validate; raise RecipeError with every schema problem."""
     path = Path(path)
     data, text, smap = parse_document(path)
+    if isinstance(data.get("$schema"), str):
+        data = {k: v for k, v in data.items() if k != "$schema"}  # an editor hint, not a setting
+    data, landed = apply_overrides(data, list(overrides))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_diagnostics_from(exc, display_path(path), smap)) from None
-    return LoadedRecipe(recipe=recipe, path=path, text=text, source_map=smap)
+        raise RecipeError(_diagnostics_from(exc, display_path(path), smap, landed)) from None
+    return LoadedRecipe(recipe=recipe, path=path, text=text, source_map=smap, overrides=landed)
 
 
 # ---------------------------------------------------------------------------------------------
 # pydantic errors -> diagnostics
 
 
-def _diagnostics_from(exc: ValidationError, file: str, smap: SourceMap) -> list[Diagnostic]:
+def _diagnostics_from(
+    exc: ValidationError, file: str, smap: SourceMap, overrides: dict[str, Override]
+) -> list[Diagnostic]:
     grouped: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for err in exc.errors():
         loc = err["loc"]
         if err["type"] == "extra_forbidden":  # the last segment is the unknown key itself
-            real, branch = _real_path(Recipe, loc[:-1])
+            real, branch, parent = _real_path(Recipe, loc[:-1])
             real += (str(loc[-1]),)
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            real, branch, parent = _real_path(Recipe, loc)  # parent: the tagged union itself
+            real += (err["ctx"]["discriminator"].strip("'"),)
         else:
-            real, branch = _real_path(Recipe, loc)
-        err = {**err, "branch": branch}
+            real, branch, parent = _real_path(Recipe, loc[:-1]) if loc else ((), None, Recipe)
+            if loc:
+                tail, tail_branch, _ = _real_path(parent, loc[-1:])
+                real, branch = real + tail, branch or tail_branch
+        err = {**err, "branch": branch, "parent": parent}
         grouped.setdefault(real, []).append(err)
     out = []
     for real, errs in grouped.items():
-        out.append(_diagnostic(real, errs, file, smap))
+        out.append(_diagnostic(real, errs, _where(file, smap, overrides, real)))
     out.sort(key=lambda d: (d.line or 0, d.column or 0, d.message))
     return out
 
 
-def _diagnostic(real: tuple[str, ...], errs: list[dict[str, Any]], file: str, smap: SourceMap) -> Diagnostic:
-    pos, _ = smap.locate(real)
-    line, column = pos if pos else (None, None)
-    where = dict(
-        file=file,
-        line=line,
-        column=column,
-        key=".".join(real) or None,
-        source_line=smap.line_text(line) if line else None,
-    )
+def _diagnostic(real: tuple[str, ...], errs: list[dict[str, Any]], where: dict[str, Any]) -> Diagnostic:
     table = f"[{'.'.join(real[:-1])}]" if len(real) > 1 else "the top level"
     err = errs[0]
     kind = err["type"]
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(Recipe, real[:-1])
+        allowed = _keys_of(err["parent"])
         return Diagnostic(
             "error",
             f'unknown key "{real[-1]}" in {table}',
             help=did_you_mean(real[-1], allowed) or f"allowed keys: {', '.join(sorted(allowed))}",
             **where,
         )
+    if kind == "union_tag_not_found":
+        choices = re.findall(r"'([^']*)'", _expected_tags(err["parent"], real[-1]))
+        return Diagnostic(
+            "error",
+            f'missing required key "{real[-1]}" in {table}',
+            help=f"{real[-1]} is one of: {', '.join(choices)}",
+            **where,
+        )
+    if kind == "union_tag_invalid":
+        choices = re.findall(r"'([^']*)'", err["ctx"]["expected_tags"])
+        return Diagnostic(
+            "error",
+            f"{'.'.join(real)} = {_show(err['ctx']['tag'])} is not one of: {', '.join(choices)}",
+            help=did_you_mean(err["ctx"]["tag"], choices),
+            **where,
+        )
     if kind == "missing":
         return Diagnostic(
             "error",
             f'missing required key "{real[-1]}" in {table}',
-            help=_field_help(Recipe, real),
+            help=_field_help(err["parent"], real[-1], real[:-1]),
             **where,
         )
     if len(errs) > 1 and all(e["branch"] for e in errs):
-        expected = " or ".join(_describe_branch(e) for e in errs)
+        expected = " or ".join(dict.fromkeys(_describe_branch(e) for e in errs))
         return Diagnostic(
-            "error", f"{'.'.join(real)} = {_show(err['input'])} is invalid: expected {expected}", **where
+            "error", f"{'.'.join(real)} = {_show(errs[0]['input'])} is invalid: expected {expected}", **where
         )
     if kind == "literal_error":
-        choices = re.findall(r"'([^']*)'", err["ctx"]["expected"])
+        choices = re.findall(r"'([^']*)'|(\d+)", err["ctx"]["expected"])
+        choices = [a or b for a, b in choices]
         return Diagnostic(
             "error",
             f"{'.'.join(real)} = {_show(err['input'])} is not one of: {', '.join(choices)}",
@@ -181,7 +211,15 @@ def _diagnostic(real: tuple[str, ...], errs: list[dict[str, Any]], file: str, sm
     message = err["msg"].removeprefix("Value error, ")
     if kind == "value_error" or not real:
         return Diagnostic("error", message, **where)
-    return Diagnostic("error", f"{'.'.join(real)} = {_show(err['input'])}: {message}", **where)
+    return Diagnostic("error", f"{'.'.join(real)} = {_show(err['input'])}: {_plain(message)}", **where)
+
+
+def _plain(message: str) -> str:
+    """Pydantic's wording, lightly edited: no capital "Input should be", patterns explained."""
+    message = message.replace("Input should be", "should be")
+    if message.startswith("String should match pattern"):
+        return "should be lowercase letters, digits, '.', '_' or '-'"
+    return message
 
 
 def _show(value: Any) -> str:
@@ -217,13 +255,30 @@ def _unwrap(annotation: Any) -> list[Any]:
     return [annotation]
 
 
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    return [a for a in _unwrap(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+_TAGS = ("init", "kind")  # discriminator fields of the tagged sections
+
+
+def _tag_of(model: type[BaseModel]) -> str | None:
+    for name in _TAGS:
+        info = model.model_fields.get(name)
+        if info is not None and typing.get_origin(info.annotation) is typing.Literal and info.is_required():
+            return typing.get_args(info.annotation)[0]
+    return None
+
+
 def _child(annotation: Any, segment: str | int) -> tuple[Any | None, bool]:
     """Follow one loc segment. Returns (child annotation, whether the segment was a real key)."""
     for alt in _unwrap(annotation):
         if isinstance(alt, type) and issubclass(alt, BaseModel):
-            for name, field in alt.model_fields.items():
-                if segment in (name, field.alias):
-                    return field.annotation, True
+            for name, info in alt.model_fields.items():
+                if segment in (name, info.alias):
+                    if info.metadata:
+                        return typing.Annotated[(info.annotation, *info.metadata)], True
+                    return info.annotation, True
         origin = typing.get_origin(alt)
         if origin in (list, tuple) and isinstance(segment, int):
             args = typing.get_args(alt)
@@ -233,8 +288,11 @@ def _child(annotation: Any, segment: str | int) -> tuple[Any | None, bool]:
     return None, False
 
 
-def _real_path(model: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[tuple[str, ...], str | None]:
-    """Strip pydantic's union-branch tags (e.g. 'int', "literal['auto']") from an error location."""
+def _real_path(model: Any, loc: tuple[str | int, ...]) -> tuple[tuple[str, ...], str | None, Any]:
+    """Strip pydantic's union-branch tags (e.g. 'int', 'lora') from an error location.
+
+    Returns the path as the user wrote it, the last branch tag seen, and the annotation reached
+    (narrowed to the tagged alternative, so "unknown key" lists that alternative's keys)."""
     real: list[str] = []
     branch = None
     annotation: Any = model
@@ -243,32 +301,27 @@ def _real_path(model: type[BaseModel], loc: tuple[str | int, ...]) -> tuple[tupl
         if is_key:
             real.append(str(segment))
             annotation = child
-        else:
-            branch = str(segment)
-            # a union branch named after a model: continue inside it
-            for alt in _unwrap(annotation):
-                if getattr(alt, "__name__", None) == segment:
-                    annotation = alt
-    return tuple(real), branch
+            continue
+        branch = str(segment)
+        for alt in _models(annotation):
+            if segment in (alt.__name__, _tag_of(alt)):
+                annotation = alt
+                break
+    return tuple(real), branch, annotation
 
 
-def _model_at(model: type[BaseModel], path: tuple[str, ...]) -> list[type[BaseModel]]:
-    annotation: Any = model
-    for segment in path:
-        key: str | int = int(segment) if segment.isdigit() else segment
-        annotation, _ = _child(annotation, key)
-        if annotation is None:
-            return []
-    return [a for a in _unwrap(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+def _keys_of(annotation: Any) -> list[str]:
+    return [f.alias or n for m in _models(annotation) for n, f in m.model_fields.items()]
 
 
-def _allowed_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
-    return [f.alias or n for m in _model_at(model, path) for n, f in m.model_fields.items()]
+def _expected_tags(annotation: Any, tag_field: str) -> str:
+    tags = [_tag_of(m) for m in _models(annotation)]
+    return ", ".join(f"'{t}'" for t in tags if t)
 
 
-def _field_help(model: type[BaseModel], path: tuple[str, ...]) -> str | None:
-    for parent in _model_at(model, path[:-1]):
-        for name, field in parent.model_fields.items():
-            if path[-1] in (name, field.alias) and field.description:
-                return f"{path[-1]}: {field.description}"
-    return f'add {path[-1]} = ... to {"[" + ".".join(path[:-1]) + "]" if len(path) > 1 else "the top level"}'
+def _field_help(parent: Any, key: str, table: tuple[str, ...]) -> str:
+    for model in _models(parent):
+        for name, info in model.model_fields.items():
+            if key in (name, info.alias) and info.description:
+                return f"{key}: {info.description}"
+    return f'add {key} = ... to {"[" + ".".join(table) + "]" if table else "the top level"}'

@@ -5,144 +5,165 @@ Every value the compiler chose appears under `derived` with the reason it was ch
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jinja2
 
-from compiler.budget import Example, TokenBudget
-from compiler.data import Split
+from compiler.catalog import ModelFacts
 from compiler.diagnostics import Diagnostic
-from compiler.estimate import GIB, Gpt2Shape, MemoryEstimate, ParameterCount
+from compiler.estimate import GIB
 from compiler.loader import LoadedRecipe, display_path
+from compiler.overrides import Override
+from compiler.params import Architecture, ParameterCount
 from compiler.paths import templates_dir
 from runtime.config import RuntimeConfig
 
-PLAN_FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    from compiler.build import StageEstimate
+    from compiler.prepare import PreparedData
+
+PLAN_FORMAT_VERSION = 2
 
 
 def build_plan(
     *,
     loaded: LoadedRecipe,
     config: RuntimeConfig,
-    shape: Gpt2Shape,
-    budget: TokenBudget,
-    split: Split,
-    train: Sequence[Example],
-    data_label: str,
-    parameters: ParameterCount,
-    flops_by_stage: Sequence[int],
-    memory_by_stage: Sequence[MemoryEstimate],
-    label_counts: dict[str, dict[str, int]],
+    facts: ModelFacts,
+    arch: Architecture,
+    total_parameters: ParameterCount,
+    prepared: dict[str, PreparedData],
+    estimates: Sequence[StageEstimate],
+    encoder_source: str | None,
+    overrides: Sequence[Override],
     warnings: Sequence[Diagnostic],
 ) -> dict[str, Any]:
     recipe = loaded.recipe
     world = config.hardware.nodes * config.hardware.nproc_per_node
-    tokens_per_epoch = sum(len(e.prompt_ids) + len(e.completion_ids) for e in train)
     stages = []
-    for stage, flops, memory in zip(config.stages, flops_by_stage, memory_by_stage):
-        batch = stage.micro_batch_size * stage.grad_accum * world
-        steps_per_epoch = -(-config.data.n_train // batch)
+    for stage, est in zip(config.stages, estimates):
         stages.append(
             {
                 "name": stage.name,
                 "kind": stage.kind,
-                "epochs": stage.epochs,
-                "global_batch_size": batch,
-                "steps": steps_per_epoch * stage.epochs,
-                "tokens": tokens_per_epoch * stage.epochs,
-                "train_flops": flops,
-                "memory_gib": memory.as_gib(),
+                "data": stage.data,
+                "from": stage.start,
+                "adapter": stage.adapter.kind,
+                "trainable_parameters": est.trainable_parameters,
+                "trainable_fraction": round(est.trainable_parameters / total_parameters.total, 6),
+                "epochs": stage.epochs if stage.max_steps is None else None,
+                "max_steps": stage.max_steps,
+                "global_batch_size": stage.micro_batch_size * stage.grad_accum * world,
+                "steps": est.steps,
+                "tokens": est.tokens,
+                "train_flops": est.flops,
+                "memory_gib": est.memory.as_gib(),
             }
         )
-    n_positions_reason = (
-        f"model.n_positions = \"auto\": equal to the token budget ({budget.reason})"
-        if recipe.model.n_positions == "auto"
-        else "set in the recipe"
+    model = config.model
+    model_source = (
+        "scratch"
+        if model.init == "scratch"
+        else (model.weights.hub or model.weights.asset or model.weights.path) if model.weights else "?"
     )
-    derived = [
-        {"key": "budget.max_total_tokens", "value": budget.max_total_tokens, "reason": budget.reason},
-        {"key": "model.n_positions", "value": config.model.n_positions, "reason": n_positions_reason},
-        {
-            "key": "model.vocab_size",
-            "value": config.model.vocab_size,
-            "reason": f"size of tokenizer asset {recipe.tokenizer.asset!r}",
-        },
-        {
-            "key": "eval.max_new_tokens",
-            "value": config.eval.max_new_tokens,
-            "reason": "longest completion in the data"
-            if recipe.eval.max_new_tokens == "auto"
-            else "set in the recipe",
-        },
-        {
-            "key": "eval.labels",
-            "value": list(config.eval.labels),
-            "reason": f"classes of {config.eval.label_field!r}",
-        },
-    ]
-    heldout = label_counts["heldout"]
-    train_counts = label_counts["train"]
-    majority = max(sorted(train_counts), key=lambda k: train_counts[k])
-    peak = max(m.total_bytes for m in memory_by_stage)
+    derived = _derived(loaded, config, prepared, encoder_source)
+    peak = max(e.memory.total_bytes for e in estimates)
     return {
         "format_version": PLAN_FORMAT_VERSION,
         "name": recipe.name,
+        "description": recipe.description,
         "recipe_file": display_path(loaded.path),
+        "overrides": [o.text for o in overrides],
         "model": {
-            "architecture": config.model.architecture,
-            "init": config.model.init,
-            "n_embd": shape.n_embd,
-            "n_layer": shape.n_layer,
-            "n_head": shape.n_head,
-            "n_positions": shape.n_positions,
-            "vocab_size": shape.vocab_size,
+            "init": model.init,
+            "family": facts.family,
+            "architecture_from": facts.name,
+            "weights": model_source,
+            "hidden_size": arch.hidden,
+            "layers": arch.layers,
+            "heads": arch.heads,
+            "kv_heads": arch.kv_heads,
+            "n_positions": model.n_positions,
+            "vocab_size": arch.vocab_size,
             "parameters": {
-                "total": parameters.total,
-                "trainable": parameters.total,
-                "embedding": parameters.embedding,
-                "non_embedding": parameters.non_embedding,
+                "total": total_parameters.total,
+                "embedding": total_parameters.embedding,
+                "non_embedding": total_parameters.non_embedding,
             },
         },
+        "tokenizer": encoder_source or "not available at compile time (loaded by the runtime)",
         "derived": derived,
-        "data": {
-            "source": data_label,
-            "rows": len(split.train) + len(split.heldout),
-            "split": {
-                "seed": split.seed,
-                "heldout_fraction": split.heldout_fraction,
-                "train": len(split.train),
-                "heldout": len(split.heldout),
-                "heldout_lines_sha256": split.heldout_lines_sha256(),
-            },
-            "labels": label_counts,
-            "majority_class": majority,
-            "majority_baseline_heldout": round(heldout.get(majority, 0) / max(1, len(split.heldout)), 4),
-        },
-        "tokens": {
-            "max_total_tokens": budget.max_total_tokens,
-            "before_truncation": {
-                "prompt": dataclasses.asdict(budget.prompt),
-                "completion": dataclasses.asdict(budget.completion),
-                "total": dataclasses.asdict(budget.total),
-            },
-            "fixed_tokens_max": budget.fixed_tokens_max,
-            "truncated_examples": budget.n_truncated,
-            "truncated_fraction": round(budget.n_truncated / budget.total.count, 4),
-            "tokens_removed": budget.tokens_removed,
-            "truncatable_fields": list(budget.truncated_fields),
-            "completion_truncated_examples": 0,
-        },
+        "data": {name: _data_entry(p) for name, p in prepared.items()},
         "stages": stages,
         "hardware": {
             "device": config.hardware.device,
+            "gpu": config.hardware.gpu,
             "nodes": config.hardware.nodes,
             "nproc_per_node": config.hardware.nproc_per_node,
             "precision": config.hardware.precision,
+            "zero_stage": config.hardware.zero_stage,
+            "gradient_checkpointing": config.hardware.gradient_checkpointing,
         },
         "warnings": [d.message for d in warnings],
         "summary": summary_line(stages, peak, config.hardware.device),
     }
+
+
+def _data_entry(p: PreparedData) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "source": p.source_label,
+        "format": p.format,
+        "rows": len(p.split.train) + len(p.split.heldout),
+        "split": {
+            "seed": p.split.seed,
+            "heldout_fraction": p.split.heldout_fraction,
+            "train": len(p.split.train),
+            "heldout": len(p.split.heldout),
+            "heldout_lines_sha256": p.split.heldout_lines_sha256(),
+        },
+        "tokens": p.budget,
+        "template": p.template.chat_name or "prompt/completion",
+        "loss": p.template.loss,
+    }
+    if p.label_counts:
+        train, heldout = p.label_counts["train"], p.label_counts["heldout"]
+        majority = max(sorted(train), key=lambda k: train[k])
+        entry["labels"] = p.label_counts
+        entry["majority_class"] = majority
+        entry["majority_baseline_heldout"] = round(heldout.get(majority, 0) / max(1, len(p.split.heldout)), 4)
+    return entry
+
+
+def _derived(loaded: LoadedRecipe, config: RuntimeConfig, prepared: dict[str, PreparedData],
+             encoder_source: str | None) -> list[dict[str, Any]]:
+    recipe = loaded.recipe
+    out = []
+    for name, p in prepared.items():
+        out.append({"key": f"data.{name}: tokens.max_total", "value": p.max_total_tokens, "reason": p.budget["reason"]})
+    if config.model.init == "scratch":
+        n_pos_auto = getattr(recipe.model, "n_positions", None) == "auto"
+        out.append({
+            "key": "model.n_positions",
+            "value": config.model.n_positions,
+            "reason": "model.n_positions = \"auto\": the largest token budget of the data sets ("
+            + "; ".join(p.budget["reason"] for p in prepared.values()) + ")"
+            if n_pos_auto else "set in the recipe",
+        })
+        out.append({"key": "model.vocab_size", "value": config.model.vocab_size,
+                    "reason": f"size of the tokenizer ({encoder_source})"})
+    else:
+        out.append({"key": "model.n_positions", "value": config.model.n_positions,
+                    "reason": "the checkpoint's context length (max_position_embeddings)"})
+    if config.eval is not None:
+        out.append({
+            "key": "eval.max_new_tokens",
+            "value": config.eval.max_new_tokens,
+            "reason": "longest completion in the data" if recipe.eval.max_new_tokens == "auto" else "set in the recipe",
+        })
+        if config.eval.labels:
+            out.append({"key": "eval.labels", "value": list(config.eval.labels),
+                        "reason": f'classes of "{config.eval.label_field}"'})
+    return out
 
 
 def summary_line(stages: Sequence[dict[str, Any]], peak_bytes: int, device: str) -> str:

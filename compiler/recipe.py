@@ -1,194 +1,159 @@
 """The recipe: what a team writes. Pydantic models, strict and frozen.
 
-Every model forbids unknown keys. Validators here only check; defaults live on the fields and
-derived values (n_positions, budgets) are computed by the compiler and shown in the plan.
+Sections live in `compiler.spec`; this module assembles them. Validators here only check;
+defaults live on the fields, and values the compiler derives (context length, budgets, steps)
+are computed later and shown in the plan with their reasons.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Literal
+from pydantic import Field, field_validator, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from compiler.spec.base import NAME_PATTERN, Section
+from compiler.spec.data import (
+    CHAT_FORMATS,
+    FORMAT_FIELDS,
+    Dataset,
+    DataSource,
+    DeriveBins,
+    SplitSection,
+    TemplateSection,
+    TokensSection,
+)
+from compiler.spec.infra import BudgetSection, HardwareSection, LaunchSection
+from compiler.spec.model import (
+    AdapterSection,
+    FreezeAdapter,
+    FullAdapter,
+    LoraAdapter,
+    ModelSection,
+    PrefixAdapter,
+    PretrainedModel,
+    ScratchModel,
+    TokenizerSection,
+)
+from compiler.spec.stages import (
+    TRAIN_KEYS,
+    DpoStage,
+    EvalSection,
+    GenerationSection,
+    PpoStage,
+    PretrainStage,
+    RewardStage,
+    SftStage,
+    StageSection,
+    TrainSection,
+)
 
-Auto = Literal["auto"]
-PositiveInt = Annotated[int, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+Stage = PretrainStage | SftStage | RewardStage | DpoStage | PpoStage
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSection(_Section):
-    """A GPT-2-class decoder trained from scratch."""
-
-    architecture: Literal["gpt2"] = "gpt2"
-    init: Literal["scratch"] = "scratch"
-    n_embd: PositiveInt
-    n_layer: PositiveInt
-    n_head: PositiveInt
-    n_positions: PositiveInt | Auto = "auto"
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelSection:
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                f"e.g. n_head = {_nearest_divisor(self.n_embd, self.n_head)}"
-            )
-        return self
-
-
-def _nearest_divisor(n: int, near: int) -> int:
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - near), d))
-
-
-class DataSource(_Section):
-    """Exactly one of: a pinned registry asset, or a local file."""
-
-    asset: str | None = Field(default=None, description="name of a pinned asset in specs/assets.toml")
-    path: str | None = Field(default=None, description="file path, relative to the recipe file")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> DataSource:
-        if (self.asset is None) == (self.path is None):
-            raise ValueError('give exactly one of asset = "NAME" or path = "FILE" in data.source')
-        return self
+__all__ = [
+    "CHAT_FORMATS", "FORMAT_FIELDS", "AdapterSection", "Dataset", "DataSource", "DeriveBins", "DpoStage",
+    "EvalSection", "FreezeAdapter", "FullAdapter", "GenerationSection", "LoraAdapter", "ModelSection",
+    "PpoStage", "PrefixAdapter", "PretrainStage", "PretrainedModel", "Recipe", "RewardStage", "ScratchModel",
+    "SftStage", "SplitSection", "Stage", "StageSection", "TemplateSection", "TokenizerSection", "TokensSection",
+    "TrainSection", "dataset_template", "stage_adapter", "stage_dataset", "training",
+]
 
 
-class TokenizerSection(_Section):
-    asset: str = Field(description="name of a pinned tiktoken ranks asset in specs/assets.toml")
-    format: Literal["tiktoken"] = "tiktoken"
-    special_tokens: dict[str, int] = Field(default_factory=dict)
-    eos_token: str
-
-
-class DeriveBins(_Section):
-    """A categorical column cut from a numeric one: value < edges[0] -> labels[0], and so on.
-
-    A value equal to an edge falls into the middle class (the lower/upper bins are strict).
-    """
+class Recipe(Section):
+    """A training recipe: model, data, template, stages, eval and hardware in one file."""
 
     name: str
-    source: str = Field(alias="from")
-    edges: list[float] = Field(min_length=1)
-    labels: list[str] = Field(min_length=2)
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    @model_validator(mode="after")
-    def _shape(self) -> DeriveBins:
-        if len(self.labels) != len(self.edges) + 1:
-            raise ValueError(
-                f"{len(self.edges)} edges cut {len(self.edges) + 1} bins but {len(self.labels)} labels "
-                "are given; give one label per bin"
-            )
-        if list(self.edges) != sorted(self.edges) or len(set(self.edges)) != len(self.edges):
-            raise ValueError(f"edges must be strictly increasing, got {self.edges}")
-        return self
-
-
-class SplitSection(_Section):
-    heldout_fraction: Fraction = 0.2
-    seed: int = 0
-
-
-class DataSection(_Section):
-    source: DataSource
-    format: Literal["tsv", "csv", "jsonl"]
-    columns: list[str] | None = Field(
-        default=None, description="column names for header-less TSV/CSV; omit when the file has a header"
-    )
-    html_unescape: list[str] = Field(default_factory=list)
-    derive: list[DeriveBins] = Field(default_factory=list)
-    split: SplitSection = SplitSection()
-
-
-class TemplateSection(_Section):
-    prompt: str = Field(description="jinja2 source rendered per row; ends where generation starts")
-    completion: str = Field(description="jinja2 source of the supervised target; never truncated")
-    add_eos: bool = False
-
-
-class BudgetSection(_Section):
-    max_total_tokens: PositiveInt | Auto = "auto"
-    coverage: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    round_to: PositiveInt = 8
-    truncatable: list[str] = Field(default_factory=list)
-
-
-class StageSection(_Section):
-    name: str
-    kind: Literal["sft"]
-    epochs: PositiveInt = 3
-    micro_batch_size: PositiveInt = 8
-    grad_accum: PositiveInt = 1
-    learning_rate: Annotated[float, Field(gt=0.0)] = 5e-4
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    log_every_steps: PositiveInt = 10
-    length_grouping: bool = True
-
-
-class EvalSection(_Section):
-    kind: Literal["classification"] = "classification"
-    label_field: str
-    extract: Literal["first_word"] = "first_word"
-    max_new_tokens: PositiveInt | Auto = "auto"
-    batch_size: PositiveInt = 64
-
-
-class HardwareSection(_Section):
-    device: Literal["cpu", "cuda"] = "cpu"
-    gpu: str | None = Field(default=None, description="GPU model from specs/hardware (for estimates)")
-    nproc_per_node: PositiveInt = 1
-    nodes: PositiveInt = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-
-    @model_validator(mode="after")
-    def _cpu_precision(self) -> HardwareSection:
-        if self.device == "cpu" and self.precision == "fp16":
-            raise ValueError('fp16 training needs a GPU; use precision = "fp32" or "bf16" on cpu')
-        return self
-
-
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-
-
-class Recipe(_Section):
-    name: str = Field(description="build directory name: lowercase letters, digits, '.', '_', '-'")
+    """Names the build directory (build/<name>): lowercase letters, digits, '.', '_' or '-'."""
     description: str = ""
+    """One line saying what the recipe trains; shown in the plan."""
     seed: int = 0
+    """Seed for weight initialisation, data order and sampling."""
     model: ModelSection
-    tokenizer: TokenizerSection
-    data: DataSection
-    template: TemplateSection
-    budget: BudgetSection = BudgetSection()
+    """The network: from scratch or a pretrained checkpoint."""
+    tokenizer: TokenizerSection | None = None
+    """The tokenizer; required for a model trained from scratch."""
+    adapter: AdapterSection = FullAdapter(kind="full")
+    """What trains: full, lora, prefix (P-tuning v2) or freeze. Stages may override it."""
+    data: dict[str, Dataset] = Field(min_length=1)
+    """Named data sets, e.g. [data.tweets]."""
+    template: TemplateSection | None = None
+    """How rows become text; a data set may carry its own."""
+    tokens: TokensSection = TokensSection()
+    """The token budget."""
+    train: TrainSection = TrainSection()
+    """Hyperparameters shared by every stage."""
     stages: list[StageSection] = Field(min_length=1)
-    eval: EvalSection
+    """Training stages, run in order; each may start from an earlier one's weights."""
+    eval: EvalSection | None = None
+    """Evaluation after training."""
     hardware: HardwareSection = HardwareSection()
+    """Devices, precision and memory features."""
+    launch: LaunchSection = LaunchSection()
+    """Process launch and Slurm settings."""
+    budget: BudgetSection = BudgetSection()
+    """Cost, time and memory limits checked by `recipe check`."""
 
     @field_validator("name")
     @classmethod
     def _name_is_a_directory_name(cls, name: str) -> str:
-        if not _NAME.match(name):
+        if not NAME_PATTERN.match(name):
             raise ValueError(
-                f"name {name!r} must be lowercase letters, digits, '.', '_' or '-' "
-                "(it names the build directory)"
+                f"name {name!r} must be lowercase letters, digits, '.', '_' or '-' (it names the build directory)"
             )
         return name
 
+    @field_validator("data")
+    @classmethod
+    def _dataset_names(cls, data: dict[str, Dataset]) -> dict[str, Dataset]:
+        for name in data:
+            if not NAME_PATTERN.match(name):
+                raise ValueError(f"data set name {name!r} must be lowercase letters, digits, '.', '_' or '-'")
+        return data
+
     @field_validator("stages")
     @classmethod
-    def _unique_stage_names(cls, stages: list[StageSection]) -> list[StageSection]:
+    def _unique_stage_names(cls, stages: list[Stage]) -> list[Stage]:
         seen: set[str] = set()
         for stage in stages:
             if stage.name in seen:
                 raise ValueError(f"two stages are named {stage.name!r}; stage names must be unique")
+            if stage.name == "base":
+                raise ValueError('"base" names the recipe\'s [model]; give the stage another name')
             seen.add(stage.name)
         return stages
+
+    @model_validator(mode="after")
+    def _template_somewhere(self) -> Recipe:
+        if self.template is None:
+            missing = [name for name, ds in self.data.items() if ds.template is None]
+            if missing:
+                raise ValueError(
+                    f"data set(s) {', '.join(missing)} have no template: add a [template] section "
+                    f"or [data.{missing[0]}.template]"
+                )
+        return self
+
+
+def training(recipe: Recipe, stage: Stage) -> TrainSection:
+    """The stage's hyperparameters: [train] with the stage's own values laid over it."""
+    update = {key: getattr(stage, key) for key in TRAIN_KEYS if getattr(stage, key) is not None}
+    if "epochs" in update and "max_steps" not in update:
+        update["max_steps"] = None  # a stage that counts epochs does not inherit a step limit
+    if "warmup_steps" in update and "warmup_ratio" not in update:
+        update["warmup_ratio"] = None
+    return recipe.train.model_copy(update=update)
+
+
+def stage_dataset(recipe: Recipe, stage: Stage) -> str:
+    """Name of the data set a stage trains on (the only one, when the stage does not say)."""
+    if stage.data is not None:
+        return stage.data
+    return next(iter(recipe.data))
+
+
+def dataset_template(recipe: Recipe, name: str) -> TemplateSection:
+    dataset = recipe.data[name]
+    template = dataset.template or recipe.template
+    assert template is not None  # Recipe._template_somewhere guarantees it
+    return template
+
+
+def stage_adapter(recipe: Recipe, stage: Stage):
+    return stage.adapter or recipe.adapter

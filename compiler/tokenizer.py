@@ -1,4 +1,9 @@
-"""The tokenizer the compiler measures with; the same JSON file is shipped to the runtime."""
+"""The tokenizer the compiler measures with; the same JSON file is shipped to the runtime.
+
+Sources: tiktoken ranks (converted once, cached), a GGUF checkpoint's embedded tokenizer
+(rebuilt once, cached), or a local folder with tokenizer.json. A hub tokenizer is not fetched at
+compile time; the compiler then plans without measuring and says so.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,20 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from compiler.assets import AssetSpec, asset_path, cache_dir
-from compiler.recipe import TokenizerSection
 from compiler.tokenizer_convert import tiktoken_to_tokenizer_json
 
 
 @dataclass(frozen=True)
 class Encoder:
-    """A `tokenizers.Tokenizer` with the two calls the budget needs."""
+    """A `tokenizers.Tokenizer` with the calls the budget needs, plus its chat facts."""
 
     tokenizer: Tokenizer
     json: str
+    source: str  # what it was built from, for the plan
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    chat_template: str | None = None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
@@ -40,19 +49,54 @@ class Encoder:
         return found
 
 
-def load_encoder(section: TokenizerSection, asset: AssetSpec) -> Encoder:
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def tiktoken_encoder(asset: AssetSpec, special_tokens: dict[str, int], eos_token: str | None) -> Encoder:
     """Convert the pinned tiktoken ranks file once, cache the tokenizer JSON, and load it."""
     ranks = asset_path(asset)
     key = hashlib.sha256(
-        json.dumps({"ranks": asset.sha256, "special": section.special_tokens, "v": 1}, sort_keys=True).encode()
+        json.dumps({"ranks": asset.sha256, "special": special_tokens, "v": 1}, sort_keys=True).encode()
     ).hexdigest()[:16]
     cached = cache_dir() / "derived" / f"tokenizer-{key}.json"
     if cached.is_file():
         text = cached.read_text(encoding="utf-8")
     else:
-        text = tiktoken_to_tokenizer_json(ranks, special_tokens=dict(section.special_tokens))
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, cached)
-    return Encoder(tokenizer=Tokenizer.from_str(text), json=text)
+        text = tiktoken_to_tokenizer_json(ranks, special_tokens=dict(special_tokens))
+        _atomic_write(cached, text)
+    return Encoder(tokenizer=Tokenizer.from_str(text), json=text, source=f"asset:{asset.name}", eos_token=eos_token)
+
+
+def gguf_encoder(asset: AssetSpec) -> Encoder:
+    """The tokenizer embedded in a pinned GGUF checkpoint, rebuilt once into the cache."""
+    from compiler.gguf_tokenizer import write_tokenizer_dir
+
+    folder = cache_dir() / "derived" / f"tokenizer-gguf-{asset.sha256[:16]}"
+    if not (folder / "tokenizer.json").is_file():
+        write_tokenizer_dir(asset_path(asset), folder)
+    return folder_encoder(folder, f"asset:{asset.name}")
+
+
+def folder_encoder(folder: Path, source: str) -> Encoder:
+    """A Hugging Face tokenizer folder (tokenizer.json, optional tokenizer_config.json)."""
+    text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+
+    def token(key: str) -> str | None:
+        value = config.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    return Encoder(
+        tokenizer=Tokenizer.from_str(text),
+        json=text,
+        source=source,
+        bos_token=token("bos_token"),
+        eos_token=token("eos_token"),
+        pad_token=token("pad_token"),
+        chat_template=config.get("chat_template") if isinstance(config.get("chat_template"), str) else None,
+    )

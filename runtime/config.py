@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # Bump on any change a runtime of the previous version would misread.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUNTIME_CONFIG_FILE = "runtime.json"
 
 
@@ -26,71 +26,115 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class WeightsSpec(_Frozen):
+    """Where pretrained weights come from; exactly one of the three is set."""
+
+    hub: str | None = None
+    revision: str | None = None
+    path: str | None = None  # absolute or relative to the build directory's recipe; resolved at compile
+    asset: str | None = None  # pinned asset name; the runtime fetches it from the asset cache
+
+
 class ModelSpec(_Frozen):
-    architecture: Literal["gpt2"]
-    init: Literal["scratch"]
+    init: Literal["scratch", "pretrained"]
+    family: Literal["gpt2", "llama", "mistral", "qwen2", "chatglm"]
+    # The architecture as config.json fields (for scratch: what the model is built from).
+    config: dict[str, Any]
+    weights: WeightsSpec | None
+    trust_remote_code: bool
+    quantization: Literal["none", "8bit", "4bit"]
     vocab_size: int
     n_positions: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    dropout: float
-    eos_token_id: int
-    pad_token_id: int
+    eos_token_id: int | None
+    pad_token_id: int | None
 
 
 class TokenizerSpec(_Frozen):
-    file: str  # relative to the build directory
-    eos_token: str
+    file: str | None  # tokenizer.json relative to the build directory, when the compiler had it
+    hub: str | None  # otherwise loaded from the hub by the runtime
+    eos_token: str | None
+    pad_token: str | None
 
 
 class TemplateSpec(_Frozen):
-    """The exact jinja2 sources used to render training examples; saved with the model."""
+    """The exact templates used to render training examples; saved with the model."""
 
-    prompt: str
-    completion: str
+    prompt: str | None
+    completion: str | None
+    chat: str | None  # jinja2 source of the chat template
+    chat_name: str | None
+    system: str | None
     add_eos: bool
+    loss: Literal["completion", "assistant", "last_assistant", "all"]
 
 
 class DataSpec(_Frozen):
-    # Pre-tokenized JSONL files relative to the build directory. Each line:
-    # {"row": int, "prompt": [ids], "completion": [ids], "fields": {...}}.
+    # JSONL files relative to the build directory. With `tokenized`, each line holds
+    # {"line", "prompt": [ids], "completion": [ids], "label"?}; otherwise the rows' fields.
+    format: str
+    template: TemplateSpec
     train: str
     heldout: str
     n_train: int
     n_heldout: int
+    tokenized: bool
+    max_total_tokens: int
+
+
+class AdapterSpec(_Frozen):
+    kind: Literal["full", "lora", "prefix", "freeze"]
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class StageSpec(_Frozen):
     name: str
-    kind: Literal["sft"]
+    kind: Literal["pretrain", "sft", "reward", "dpo", "ppo"]
+    data: str
+    start: str  # "base" or an earlier stage's name
+    adapter: AdapterSpec
     epochs: int
+    max_steps: int | None
     micro_batch_size: int
     grad_accum: int
     learning_rate: float
-    lr_schedule: Literal["cosine", "linear", "constant"]
+    lr_schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"]
     warmup_steps: int
     weight_decay: float
     max_grad_norm: float
+    optimizer: Literal["adamw", "adamw_8bit", "sgd", "adafactor"]
     adam_betas: tuple[float, float]
+    adam_eps: float
     log_every_steps: int
+    save_every_steps: int | None
+    keep_checkpoints: int
     length_grouping: bool
+    packing: bool
+    params: dict[str, Any] = Field(default_factory=dict)  # kind-specific (beta, kl_coef, ...)
 
 
 class EvalSpec(_Frozen):
-    kind: Literal["classification"]
-    label_field: str
+    kind: Literal["classification", "language_model"]
+    data: str
+    stage: str
+    label_field: str | None
     labels: tuple[str, ...]
-    extract: Literal["first_word"]
+    extract: Literal["first_word", "label_set"]
     max_new_tokens: int
     batch_size: int
+    samples: int
 
 
 class HardwareSpec(_Frozen):
     device: Literal["cpu", "cuda"]
+    gpu: str | None
     nproc_per_node: int
     nodes: int
     precision: Literal["fp32", "bf16", "fp16"]
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    gradient_checkpointing: bool
+    attention: Literal["sdpa", "eager", "flash_attention_2"]
 
 
 class RuntimeConfig(_Frozen):
@@ -99,15 +143,31 @@ class RuntimeConfig(_Frozen):
     seed: int
     model: ModelSpec
     tokenizer: TokenizerSpec
-    template: TemplateSpec
-    data: DataSpec
+    data: dict[str, DataSpec]
     stages: tuple[StageSpec, ...] = Field(min_length=1)
-    eval: EvalSpec
+    eval: EvalSpec | None
     hardware: HardwareSpec
 
     def to_json(self) -> str:
         """Deterministic serialisation: sorted keys, fixed indentation, trailing newline."""
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+def unsupported(config: RuntimeConfig) -> list[str]:
+    """What this runtime cannot execute yet, one sentence each; empty when it can run the build."""
+    out = []
+    if config.model.init != "scratch" or config.model.family != "gpt2":
+        out.append("training starts only from a GPT-2 model initialised from scratch (init = \"scratch\")")
+    for stage in config.stages:
+        if stage.kind != "sft":
+            out.append(f"stage {stage.name!r} is {stage.kind}; this runtime trains sft stages")
+        if stage.adapter.kind != "full":
+            out.append(f"stage {stage.name!r} uses a {stage.adapter.kind} adapter; this runtime trains all weights")
+        if not config.data[stage.data].tokenized:
+            out.append(f"data set {stage.data!r} was not tokenized at compile time")
+    if config.eval is not None and config.eval.kind != "classification":
+        out.append("the eval measures classification only")
+    return out
 
 
 def load_runtime_config(build_dir: Path) -> RuntimeConfig:

@@ -118,8 +118,9 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
     torch.manual_seed(config.seed)
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    heldout = read_examples(build_dir / config.data.heldout)
-    train_labels = Counter(e.label for e in read_examples(build_dir / config.data.train))
+    data = config.data[spec.data]
+    heldout = read_examples(build_dir / data.heldout)
+    train_labels = Counter(e.label for e in read_examples(build_dir / data.train))
     majority = max(sorted(train_labels), key=lambda k: train_labels[k])
     pad_id, eos_id = config.model.pad_token_id, config.model.eos_token_id
 

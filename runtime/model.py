@@ -13,15 +13,16 @@ from runtime.data import IGNORE_INDEX
 
 def build_model(spec: ModelSpec) -> GPT2LMHeadModel:
     """A freshly initialised GPT-2 of the planned shape (transformers' own implementation)."""
+    c = spec.config
     config = GPT2Config(
         vocab_size=spec.vocab_size,
         n_positions=spec.n_positions,
-        n_embd=spec.n_embd,
-        n_layer=spec.n_layer,
-        n_head=spec.n_head,
-        resid_pdrop=spec.dropout,
-        embd_pdrop=spec.dropout,
-        attn_pdrop=spec.dropout,
+        n_embd=c["n_embd"],
+        n_layer=c["n_layer"],
+        n_head=c["n_head"],
+        resid_pdrop=c["resid_pdrop"],
+        embd_pdrop=c["embd_pdrop"],
+        attn_pdrop=c["attn_pdrop"],
         bos_token_id=spec.eos_token_id,
         eos_token_id=spec.eos_token_id,
         pad_token_id=spec.pad_token_id,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, get_scheduler
 
-from runtime.config import IncompatibleBuildError, RuntimeConfig, StageSpec, load_runtime_config
+from runtime.config import IncompatibleBuildError, RuntimeConfig, StageSpec, load_runtime_config, unsupported
 from runtime.data import Encoded, collate_for_training, length_grouped_batches, read_examples
 from runtime.model import CompletionLoss, build_model
 
@@ -97,7 +97,8 @@ def train_stage(
         )
     optimizer = _optimizer(model, stage)
     steps_per_epoch = math.ceil(len(_epoch_batches(examples, stage, config.seed, 0, d)) / stage.grad_accum)
-    total_steps = steps_per_epoch * stage.epochs
+    total_steps = stage.max_steps if stage.max_steps is not None else steps_per_epoch * stage.epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = get_scheduler(
         stage.lr_schedule if stage.lr_schedule != "constant" else "constant_with_warmup",
         optimizer,
@@ -110,9 +111,11 @@ def train_stage(
     step, tokens_seen, started = 0, 0, time.perf_counter()
     window_loss, window_tokens, window_real_tokens, window_start = 0.0, 0, 0, started
     model.train()
-    for epoch in range(stage.epochs):
+    for epoch in range(epochs):
         batches = _epoch_batches(examples, stage, config.seed, epoch, d)
         for i in range(0, len(batches), stage.grad_accum):
+            if step == total_steps:
+                break
             group = batches[i : i + stage.grad_accum]
             for micro in group:
                 batch = collate_for_training([examples[j] for j in micro], config.model.pad_token_id)
@@ -164,7 +167,7 @@ def train_stage(
             "tokens_per_s": round(tokens_seen / wall_s, 1)}
 
 
-def save_outputs(config: RuntimeConfig, model: GPT2LMHeadModel, build_dir: Path) -> Path:
+def save_outputs(config: RuntimeConfig, stage: StageSpec, model: GPT2LMHeadModel, build_dir: Path) -> Path:
     """Model, tokenizer and the exact template, written to a temp dir and renamed into place."""
     final = build_dir / MODEL_DIR
     tmp = build_dir / f".{MODEL_DIR}.tmp-{os.getpid()}"
@@ -173,15 +176,14 @@ def save_outputs(config: RuntimeConfig, model: GPT2LMHeadModel, build_dir: Path)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=str(build_dir / config.tokenizer.file),
         eos_token=config.tokenizer.eos_token,
-        pad_token=config.tokenizer.eos_token,
+        pad_token=config.tokenizer.pad_token,
         model_max_length=config.model.n_positions,
     )
     tokenizer.save_pretrained(tmp)
+    data = config.data[stage.data]
     template = {
-        "prompt": config.template.prompt,
-        "completion": config.template.completion,
-        "add_eos": config.template.add_eos,
-        "max_total_tokens": config.model.n_positions,
+        **data.template.model_dump(mode="json"),
+        "max_total_tokens": data.max_total_tokens,
         "engine": "jinja2-sandboxed-strict",
     }
     (tmp / TEMPLATE_FILE).write_text(json.dumps(template, indent=2, sort_keys=True) + "\n")
@@ -205,16 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     except IncompatibleBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    missing = unsupported(config)
+    if missing:
+        print(f"error: this runtime cannot execute {args.build_dir}: " + "; ".join(missing), file=sys.stderr)
+        return 1
     d = setup_distributed(config.hardware.device)
     device = _device(config, d)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config.model).to(device)
-    examples = read_examples(args.build_dir / config.data.train)
     reports = []
     for stage in config.stages:
+        examples = read_examples(args.build_dir / config.data[stage.data].train)
         reports.append(train_stage(config, stage, model, examples, args.build_dir, d, device))
     if d.is_main:
-        path = save_outputs(config, model, args.build_dir)
+        path = save_outputs(config, config.stages[-1], model, args.build_dir)
         (args.build_dir / "train_report.json").write_text(json.dumps({"stages": reports}, indent=2, sort_keys=True) + "\n")
         print(f"saved model, tokenizer and template to {path}", file=sys.stderr)
     if d.world > 1:

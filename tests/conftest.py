@@ -17,28 +17,32 @@ TINY_TSV = Path(__file__).resolve().parent / "data" / "tiny.tsv"
 _BASE = {
     "name": "tiny",
     "seed": 7,
-    "model": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": "auto", "dropout": 0.0},
+    "model": {"init": "scratch", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": "auto", "dropout": 0.0},
     "tokenizer": {
         "asset": "gpt2-bpe",
         "special_tokens": {"<|endoftext|>": 50256},
         "eos_token": "<|endoftext|>",
     },
     "data": {
-        "source": {"path": str(TINY_TSV)},
-        "format": "tsv",
-        "columns": ["id", "score", "text"],
-        "html_unescape": ["text"],
-        "derive": [
-            {"name": "label", "from": "score", "edges": [-0.5, 0.5], "labels": ["negative", "neutral", "positive"]}
-        ],
-        "split": {"heldout_fraction": 0.3, "seed": 1},
+        "tweets": {
+            "source": {"path": str(TINY_TSV)},
+            "format": "columns",
+            "file_format": "tsv",
+            "columns": ["id", "score", "text"],
+            "html_unescape": ["text"],
+            "derive": [
+                {"name": "label", "from": "score", "edges": [-0.5, 0.5], "labels": ["negative", "neutral", "positive"]}
+            ],
+            "split": {"heldout_fraction": 0.3, "seed": 1},
+        }
     },
     "template": {
         "prompt": "Instruction: Classify the sentiment.\nInput: {{ text }}\nOutput:",
         "completion": " {{ label }}",
     },
-    "budget": {"max_total_tokens": "auto", "coverage": 1.0, "truncatable": ["text"]},
-    "stages": [{"name": "sft", "kind": "sft", "epochs": 1, "micro_batch_size": 4, "learning_rate": 1e-3}],
+    "tokens": {"max_total": "auto", "coverage": 1.0, "truncatable": ["text"]},
+    "train": {"epochs": 1, "micro_batch_size": 4, "learning_rate": 1e-3},
+    "stages": [{"name": "sft", "kind": "sft"}],
     "eval": {"label_field": "label"},
 }
 

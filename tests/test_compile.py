@@ -23,7 +23,7 @@ def test_compiling_twice_is_byte_identical(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
     a, b = _tree(first), _tree(second)
     assert set(a) == {
-        "data/heldout.jsonl", "data/train.jsonl", "launch.sh", "manifest.json", "plan.json", "plan.md",
+        "data/tweets/heldout.jsonl", "data/tweets/train.jsonl", "launch.sh", "manifest.json", "plan.json", "plan.md",
         "runtime.json", "tokenizer/tokenizer.json",
     }
     assert a == b
@@ -42,25 +42,28 @@ def test_example_plan_records_the_budget_and_split() -> None:
     plan = build.plan
     runtime = json.loads(build.files["runtime.json"])
     # n_positions is the measured budget, and the runtime model uses exactly that
-    assert plan["model"]["n_positions"] == plan["tokens"]["max_total_tokens"] == runtime["model"]["n_positions"]
+    tweets = plan["data"]["tweets"]
+    budget = tweets["tokens"]["max_total_tokens"]
+    assert plan["model"]["n_positions"] == budget == runtime["model"]["n_positions"]
+    assert runtime["data"]["tweets"]["max_total_tokens"] == budget
     derived = {d["key"]: d for d in plan["derived"]}
     assert "99%" in derived["model.n_positions"]["reason"]
     # VADER tweets at +-0.5: 2,300 positive / 1,062 negative / 838 neutral (documented counts)
-    labels = plan["data"]["labels"]
+    labels = tweets["labels"]
     totals = {k: labels["train"][k] + labels["heldout"][k] for k in labels["train"]}
     assert totals == {"positive": 2300, "negative": 1062, "neutral": 838}
-    assert plan["data"]["split"]["train"] + plan["data"]["split"]["heldout"] == 4200
-    assert plan["data"]["split"]["heldout"] == 840
+    assert tweets["split"]["train"] + tweets["split"]["heldout"] == 4200
+    assert tweets["split"]["heldout"] == 840
     # every example fits the budget; the label (completion) is intact
-    for name in ("data/train.jsonl", "data/heldout.jsonl"):
+    for name in ("data/tweets/train.jsonl", "data/tweets/heldout.jsonl"):
         for line in build.files[name].decode().splitlines():
             record = json.loads(line)
-            assert len(record["prompt"]) + len(record["completion"]) <= plan["tokens"]["max_total_tokens"]
+            assert len(record["prompt"]) + len(record["completion"]) <= budget
             assert len(record["completion"]) == 1
-    assert plan["tokens"]["truncated_examples"] > 0
+    assert tweets["tokens"]["truncated_examples"] > 0
     assert plan["summary"].startswith("Plan: 1 stage, ")
     assert build.files["plan.md"].decode().rstrip().endswith(plan["summary"])
-    assert runtime["schema_version"] == 1
+    assert runtime["schema_version"] == 2
 
 
 def test_truncated_tweets_are_prefixes_and_labels_intact() -> None:
@@ -68,9 +71,9 @@ def test_truncated_tweets_are_prefixes_and_labels_intact() -> None:
 
     build = compile_recipe(EXAMPLE)
     tokenizer = Tokenizer.from_str(build.files["tokenizer/tokenizer.json"].decode())
-    budget = build.plan["tokens"]["max_total_tokens"]
+    budget = build.plan["data"]["tweets"]["tokens"]["max_total_tokens"]
     shortened = 0
-    for line in build.files["data/train.jsonl"].decode().splitlines():
+    for line in build.files["data/tweets/train.jsonl"].decode().splitlines():
         record = json.loads(line)
         prompt = tokenizer.decode(record["prompt"])
         assert prompt.startswith("Instruction: Classify the sentiment")

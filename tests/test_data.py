@@ -8,24 +8,24 @@ import pytest
 
 from compiler.data import Row, read_rows, split_rows
 from compiler.diagnostics import RecipeError
-from compiler.recipe import DataSection
+from compiler.recipe import Dataset
 from tests.conftest import TINY_TSV
 
 
-def _section(**extra) -> DataSection:
+def _section(**extra) -> Dataset:
     base = {
         "source": {"path": "x"},
-        "format": "tsv",
+        "format": "columns",
         "columns": ["id", "score", "text"],
         "html_unescape": ["text"],
         "derive": [{"name": "label", "from": "score", "edges": [-0.5, 0.5],
                     "labels": ["negative", "neutral", "positive"]}],
     }
-    return DataSection.model_validate({**base, **extra})
+    return Dataset.model_validate({**base, **extra})
 
 
 def test_tsv_with_crlf_entities_and_bins() -> None:
-    rows = read_rows(TINY_TSV, _section(), "tiny.tsv")
+    rows = read_rows([TINY_TSV], _section(), "tsv", "tiny.tsv")
     assert len(rows) == 10
     assert [r.line for r in rows] == list(range(1, 11))
     assert rows[0].fields["text"] == "I love this so much & more"  # &amp; unescaped, no trailing \r
@@ -39,7 +39,7 @@ def test_wrong_field_count_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.tsv"
     path.write_text("1\t0.3\tfine\n2\tonly-two\n3\t0.1\tok\textra\n")
     with pytest.raises(RecipeError) as caught:
-        read_rows(path, _section(), "bad.tsv")
+        read_rows([path], _section(), "tsv", "bad.tsv")
     lines = sorted(d.line for d in caught.value.diagnostics)
     assert lines == [2, 3]
     assert all("expected 3" in d.message for d in caught.value.diagnostics)
@@ -49,7 +49,7 @@ def test_non_numeric_score_for_a_bin_is_an_error_with_line(tmp_path: Path) -> No
     path = tmp_path / "bad.tsv"
     path.write_text("1\t0.3\tfine\n2\thigh\ttext\n")
     with pytest.raises(RecipeError) as caught:
-        read_rows(path, _section(), "bad.tsv")
+        read_rows([path], _section(), "tsv", "bad.tsv")
     (diag,) = caught.value.diagnostics
     assert diag.line == 2 and "'high' is not a number" in diag.message
 
@@ -58,7 +58,7 @@ def test_non_utf8_file_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "latin1.tsv"
     path.write_bytes("1\t0.3\tcaf\xe9\n".encode("latin-1"))
     with pytest.raises(RecipeError, match="not UTF-8"):
-        read_rows(path, _section(), "latin1.tsv")
+        read_rows([path], _section(), "tsv", "latin1.tsv")
 
 
 def test_split_is_seeded_disjoint_and_complete() -> None:
@@ -78,5 +78,27 @@ def test_jsonl_rows_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a", "score": 1}\n\n[1, 2]\n{"text": "b", "score": -1}\n{broken\n')
     with pytest.raises(RecipeError) as caught:
-        read_rows(path, _section(format="jsonl", columns=None), "d.jsonl")
+        read_rows([path], _section(columns=None, derive=[], html_unescape=[]), "jsonl", "d.jsonl")
     assert sorted(d.line for d in caught.value.diagnostics) == [3, 5]
+
+
+def test_json_array_rows_carry_their_lines(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"user_input": "a {b}", "completion": "x"},\n  {"user_input": "c",\n   "completion": "d"}\n]\n')
+    rows = read_rows([path], Dataset.model_validate({"source": {"path": "x"}, "format": "completion"}), "json", "d.json")
+    assert [r.line for r in rows] == [2, 3]
+    assert rows[1].fields == {"user_input": "c", "completion": "d"}
+
+
+def test_fields_are_renamed_and_missing_fields_reported_by_row(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"q": "hi", "a": "yo"}\n{"q": "no answer"}\n')
+    ds = Dataset.model_validate({"source": {"path": "x"}, "format": "completion",
+                                 "fields": {"user_input": "q", "completion": "a"}})
+    with pytest.raises(RecipeError) as caught:
+        read_rows([path], ds, "jsonl", "d.jsonl")
+    (diag,) = caught.value.diagnostics
+    assert diag.line == 2 and "'completion'" in diag.message
+    path.write_text('{"q": "hi", "a": "yo"}\n')
+    (row,) = read_rows([path], ds, "jsonl", "d.jsonl")
+    assert row.fields == {"user_input": "hi", "completion": "yo"}

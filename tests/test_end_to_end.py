@@ -20,12 +20,11 @@ def test_compile_run_eval_on_real_tweets(tmp_path: Path) -> None:
     recipe = base_recipe(
         name="e2e",
         model={"n_embd": 32, "n_layer": 2, "n_head": 2, "dropout": 0.0},
-        data={"source": {"asset": "vader-tweets"}, "split": {"heldout_fraction": 0.1, "seed": 3}},
-        budget={"max_total_tokens": "auto", "coverage": 0.98, "truncatable": ["text"]},
-        stages=[{"name": "sft", "kind": "sft", "epochs": 2, "micro_batch_size": 64, "learning_rate": 3e-3,
-                 "warmup_steps": 5, "log_every_steps": 5}],
+        tokens={"max_total": "auto", "coverage": 0.98, "truncatable": ["text"]},
+        train={"epochs": 2, "micro_batch_size": 64, "learning_rate": 3e-3, "warmup_steps": 5, "log_every_steps": 5},
         eval={"label_field": "label", "batch_size": 128},
     )
+    recipe["data"]["tweets"].update(source={"asset": "vader-tweets"}, split={"heldout_fraction": 0.1, "seed": 3})
     path = write_json_recipe(tmp_path, recipe)
     build = tmp_path / "build"
     compiled = run_cli("compile", str(path), "--out", str(build), cwd=tmp_path)
@@ -46,15 +45,15 @@ def test_compile_run_eval_on_real_tweets(tmp_path: Path) -> None:
     assert template["prompt"] == recipe["template"]["prompt"]
     config = json.loads((model_dir / "config.json").read_text())
     plan = json.loads((build / "plan.json").read_text())
-    assert config["n_positions"] == plan["tokens"]["max_total_tokens"]
+    assert config["n_positions"] == plan["data"]["tweets"]["tokens"]["max_total_tokens"]
 
     # eval.json agrees with an independent computation from the raw predictions and the data
     report = json.loads((build / "eval.json").read_text())
     predictions = _read_jsonl(build / "predictions.jsonl")
-    heldout = _read_jsonl(build / "data" / "heldout.jsonl")
+    heldout = _read_jsonl(build / "data" / "tweets" / "heldout.jsonl")
     assert report["n"] == len(predictions) == len(heldout) == 420
     assert report["accuracy"] == round(sum(p["predicted"] == p["label"] for p in predictions) / 420, 4)
-    train_labels = Counter(r["label"] for r in _read_jsonl(build / "data" / "train.jsonl"))
+    train_labels = Counter(r["label"] for r in _read_jsonl(build / "data" / "tweets" / "train.jsonl"))
     majority = train_labels.most_common(1)[0][0]
     assert report["majority_baseline"] == round(sum(r["label"] == majority for r in heldout) / 420, 4)
     assert report["accuracy"] > 1 / 3  # better than guessing uniformly among three labels
@@ -65,8 +64,7 @@ def test_two_process_torchrun_trains(tmp_path: Path) -> None:
     recipe = base_recipe(
         name="ddp",
         hardware={"device": "cpu", "nproc_per_node": 2},
-        stages=[{"name": "sft", "kind": "sft", "epochs": 4, "micro_batch_size": 2, "learning_rate": 1e-2,
-                 "log_every_steps": 1}],
+        train={"epochs": 4, "micro_batch_size": 2, "learning_rate": 1e-2, "log_every_steps": 1},
     )
     path = write_json_recipe(tmp_path, recipe)
     build = tmp_path / "build"

@@ -1,48 +1,105 @@
-"""Parameter counts against transformers' own model, built on the meta device (no weights)."""
+"""Parameter counts and memory formulas, checked against transformers / peft models built on the
+meta device (no weights are allocated) and against published figures."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from compiler.estimate import Gpt2Shape, gpt2_parameters, gpt2_train_memory
+from compiler.catalog import ModelFacts, load_model_facts, model_catalog
+from compiler.estimate import TrainSetup, train_memory
+from compiler.params import architecture, lora_parameters, parameters, prefix_parameters
 
 
-@pytest.mark.parametrize(
-    "shape",
-    [
-        Gpt2Shape(vocab_size=50257, n_positions=64, n_embd=128, n_layer=4, n_head=4),
-        Gpt2Shape(vocab_size=50257, n_positions=111, n_embd=512, n_layer=6, n_head=8),
-        Gpt2Shape(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),  # GPT-2 small
-    ],
-)
-def test_gpt2_parameters_equal_transformers(shape: Gpt2Shape) -> None:
-    config = GPT2Config(vocab_size=shape.vocab_size, n_positions=shape.n_positions, n_embd=shape.n_embd,
-                        n_layer=shape.n_layer, n_head=shape.n_head)
+def _gpt2_facts(n_embd: int, n_layer: int, n_head: int, n_positions: int) -> ModelFacts:
+    config = {"model_type": "gpt2", "n_embd": n_embd, "n_layer": n_layer, "n_head": n_head,
+              "n_positions": n_positions, "vocab_size": 50257}
+    return ModelFacts(name="scratch", family="gpt2", config=config)
+
+
+@pytest.mark.parametrize(("n_embd", "n_layer", "n_head", "n_positions"),
+                         [(128, 4, 4, 64), (512, 6, 8, 111), (768, 12, 12, 1024)])
+def test_gpt2_parameters_equal_transformers(n_embd: int, n_layer: int, n_head: int, n_positions: int) -> None:
+    config = GPT2Config(vocab_size=50257, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
     with torch.device("meta"):
         model = GPT2LMHeadModel(config)
-    # unique parameters: the LM head shares the token embedding
-    expected = sum(p.numel() for p in model.parameters())
-    assert gpt2_parameters(shape).total == expected
+    expected = sum(p.numel() for p in model.parameters())  # the LM head shares the token embedding
+    assert parameters(architecture(_gpt2_facts(n_embd, n_layer, n_head, n_positions))).total == expected
 
 
-def test_gpt2_small_is_124m() -> None:
-    shape = Gpt2Shape(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
-    assert gpt2_parameters(shape).total == 124_439_808  # the published GPT-2 small size
+_MODELS = sorted(name for name, path in model_catalog().items() if name == path.stem)
+
+
+@pytest.mark.parametrize("name", _MODELS)
+def test_formula_equals_the_published_count_of_every_catalog_model(name: str) -> None:
+    facts = load_model_facts(name)
+    assert parameters(architecture(facts)).total == facts.parameters
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2-0.5b", "llama-3.1-8b", "gpt2"])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_lora_trainable_count_equals_peft(name: str, targets) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    facts = load_model_facts(name)
+    if facts.family == "gpt2" and targets != "all-linear":
+        targets = ["c_attn"]
+    config = AutoConfig.for_model(**facts.config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert lora_parameters(architecture(facts), 16, targets) == trainable
+
+
+def test_qwen2_7b_lora_r32_on_q_and_v_with_grouped_query_shapes() -> None:
+    # q: 3584 -> 3584; v: 3584 -> 4 kv heads x 128 = 512. Per layer 32 x (3584 + 3584) + 32 x (3584 + 512).
+    a = architecture(load_model_facts("qwen2-7b"))
+    assert lora_parameters(a, 32, ["q_proj", "v_proj"]) == 28 * (32 * 7168 + 32 * 4096) == 10_092_544
+
+
+def test_chatglm3_p_tuning_v2_matches_the_published_trainable_count() -> None:
+    # ChatGLM3-6B P-Tuning v2 with pre_seq_len 128 reports 1,835,008 trainable parameters:
+    # 128 virtual tokens x 28 layers x 2 (key, value) x 2 groups x 128 channels.
+    a = architecture(load_model_facts("chatglm3-6b"))
+    assert prefix_parameters(a, 128, projection=False, projection_hidden=None) == 1_835_008
+
+
+def test_prefix_projection_equals_peft_prefix_encoder() -> None:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    facts = load_model_facts("smollm2-135m")
+    config = AutoConfig.for_model(**facts.config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
+                                                              prefix_projection=True, encoder_hidden_size=64))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert prefix_parameters(architecture(facts), 20, projection=True, projection_hidden=64) == trainable
+
+
+def _setup(**changes) -> TrainSetup:
+    base = dict(total_parameters=1000, trainable_parameters=1000, micro_batch_size=4, seq_len=64,
+                supervised_per_example=1, precision="fp32", device="cpu")
+    return TrainSetup(**{**base, **changes})
 
 
 def test_memory_breakdown_scales_as_documented() -> None:
-    shape = Gpt2Shape(vocab_size=1000, n_positions=64, n_embd=64, n_layer=2, n_head=2)
-    n = gpt2_parameters(shape).total
-    fp32 = gpt2_train_memory(shape, micro_batch_size=4, seq_len=64, supervised_per_example=1,
-                             precision="fp32", device="cpu")
-    assert fp32.weights_bytes == 4 * n and fp32.gradients_bytes == 4 * n and fp32.optimizer_bytes == 8 * n
+    a = architecture(_gpt2_facts(64, 2, 2, 64))
+    fp32 = train_memory(a, _setup())
+    assert (fp32.weights_bytes, fp32.gradients_bytes, fp32.optimizer_bytes) == (4000, 4000, 8000)
     assert fp32.overhead_bytes == 0
-    doubled = gpt2_train_memory(shape, micro_batch_size=8, seq_len=64, supervised_per_example=1,
-                                precision="fp32", device="cpu")
+    doubled = train_memory(a, _setup(micro_batch_size=8))
     assert doubled.activations_bytes == 2 * fp32.activations_bytes
-    bf16 = gpt2_train_memory(shape, micro_batch_size=4, seq_len=64, supervised_per_example=1,
-                             precision="bf16", device="cuda")
-    assert bf16.weights_bytes == 6 * n  # bf16 working copy + fp32 master
+    bf16 = train_memory(a, _setup(precision="bf16", device="cuda"))
+    assert bf16.weights_bytes == 6000  # bf16 working copy + fp32 master
     assert bf16.overhead_bytes > 0
+    lora = train_memory(a, _setup(trainable_parameters=10, precision="bf16", device="cuda", quantization="4bit"))
+    assert lora.weights_bytes == 990 // 2 + 10 * 6 and lora.optimizer_bytes == 80
+    zero3 = train_memory(a, _setup(world_size=4, zero_stage=3))
+    assert (zero3.weights_bytes, zero3.gradients_bytes, zero3.optimizer_bytes) == (1000, 1000, 2000)
+    zero1 = train_memory(a, _setup(world_size=4, zero_stage=1))
+    assert (zero1.weights_bytes, zero1.gradients_bytes, zero1.optimizer_bytes) == (4000, 4000, 2000)
+    checkpointed = train_memory(a, _setup(gradient_checkpointing=True))
+    assert checkpointed.activations_bytes < fp32.activations_bytes

@@ -18,6 +18,7 @@ BAD_TOML = textwrap.dedent(
     name = "bad"
 
     [model]
+    init = "scratch"
     n_embd = 128
     n_layer = "four"
     n_head = 4
@@ -26,9 +27,9 @@ BAD_TOML = textwrap.dedent(
     asset = "gpt2-bpe"
     eos_token = "<|endoftext|>"
 
-    [data]
+    [data.tweets]
     source = { asset = "vader-tweets" }
-    format = "tsv"
+    format = "columns"
 
     [template]
     prompt = "Input: {{ text }}"
@@ -53,11 +54,11 @@ def test_unknown_key_and_wrong_type_are_reported_together_with_positions(tmp_pat
     by_key = {d.key: d for d in caught.value.diagnostics}
     assert set(by_key) == {"model.n_layer", "stages.0.learnig_rate"}
     typo = by_key["stages.0.learnig_rate"]
-    assert (typo.line, typo.column) == (23, 1)
+    assert (typo.line, typo.column) == (24, 1)
     assert typo.message == 'unknown key "learnig_rate" in [stages.0]'
     assert typo.help == 'did you mean "learning_rate"?'
     wrong = by_key["model.n_layer"]
-    assert (wrong.line, wrong.column) == (5, 1)
+    assert (wrong.line, wrong.column) == (6, 1)
     assert "valid integer" in wrong.message
 
 
@@ -69,12 +70,12 @@ def test_cli_error_snapshot_exit_1_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     expected = textwrap.dedent(
         """\
-        error: model.n_layer = "four": Input should be a valid integer, unable to parse string as an integer
-          --> bad.toml:5:1
+        error: model.n_layer = "four": should be a valid integer, unable to parse string as an integer
+          --> bad.toml:6:1
            | n_layer = "four"
 
         error: unknown key "learnig_rate" in [stages.0]
-          --> bad.toml:23:1
+          --> bad.toml:24:1
            | learnig_rate = 2e-5
            = key: stages.0.learnig_rate
            = help: did you mean "learning_rate"?
@@ -106,7 +107,7 @@ def test_invalid_toml_syntax_points_at_the_line(tmp_path: Path) -> None:
 
 def test_json_recipe_errors_have_positions(tmp_path: Path) -> None:
     recipe = base_recipe()
-    recipe["stages"][0]["epochz"] = 3
+    recipe["train"]["epochz"] = 3
     path = tmp_path / "r.json"
     path.write_text(json.dumps(recipe, indent=2))
     with pytest.raises(RecipeError) as caught:
@@ -117,46 +118,60 @@ def test_json_recipe_errors_have_positions(tmp_path: Path) -> None:
     assert diag.help == 'did you mean "epochs"?'
 
 
+def _set(recipe: dict, dotted: str, value) -> dict:
+    node = recipe
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    node[parts[-1]] = value
+    return recipe
+
+
 def test_enum_typo_suggests_the_value(tmp_path: Path) -> None:
-    path = write_json_recipe(tmp_path, base_recipe(data={"format": "tsvv"}))
+    path = write_json_recipe(tmp_path, _set(base_recipe(), "data.tweets.file_format", "tsvv"))
     with pytest.raises(RecipeError) as caught:
         load_recipe(path)
     (diag,) = caught.value.diagnostics
-    assert diag.key == "data.format"
+    assert diag.key == "data.tweets.file_format"
     assert diag.help == 'did you mean "tsv"?'
 
 
 @pytest.mark.parametrize(
-    ("overrides", "key", "fragment"),
+    ("changes", "key", "fragment"),
     [
-        ({"model": {"n_embd": 30, "n_head": 4}}, "model", "divisible by n_head"),
+        ({"model.n_embd": 30, "model.n_head": 4}, "model", "divisible by n_head"),
         ({"name": "Has Spaces"}, "name", "lowercase"),
-        ({"data": {"source": {"asset": "vader-tweets", "path": "x.tsv"}}}, "data.source", "exactly one"),
-        ({"hardware": {"device": "cpu", "precision": "fp16"}}, "hardware", "needs a GPU"),
+        ({"data.tweets.source": {"asset": "vader-tweets", "path": "x.tsv"}}, "data.tweets.source", "exactly one"),
+        ({"hardware.device": "cpu", "hardware.precision": "fp16"}, "hardware", "needs a GPU"),
     ],
 )
-def test_schema_rules_fail(tmp_path: Path, overrides: dict, key: str, fragment: str) -> None:
-    path = write_json_recipe(tmp_path, base_recipe(**overrides))
+def test_schema_rules_fail(tmp_path: Path, changes: dict, key: str, fragment: str) -> None:
+    recipe = base_recipe()
+    for dotted, value in changes.items():
+        _set(recipe, dotted, value)
+    path = write_json_recipe(tmp_path, recipe)
     with pytest.raises(RecipeError) as caught:
         load_recipe(path)
     assert any(d.key == key and fragment in d.message for d in caught.value.diagnostics), caught.value
 
 
 @pytest.mark.parametrize(
-    ("overrides", "key", "fragment"),
+    ("changes", "key", "fragment"),
     [
-        ({"template": {"prompt": "Input: {{ txt }}", "completion": " {{ label }}"}}, "template.prompt", "no field 'txt'"),
-        ({"eval": {"label_field": "sentiment"}}, "eval.label_field", "not a field"),
-        ({"budget": {"truncatable": ["label"]}}, "budget.truncatable", "never truncated"),
-        ({"tokenizer": {"asset": "gpt2-bpee", "eos_token": "<|endoftext|>",
-                        "special_tokens": {"<|endoftext|>": 50256}}}, "tokenizer.asset", "not a pinned asset"),
-        ({"data": {"source": {"path": "missing.tsv"}}}, "data.source.path", "not found"),
-        ({"model": {"n_positions": 16}, "budget": {"max_total_tokens": 32}}, "budget.max_total_tokens", "exceeds"),
-        ({"template": {"prompt": "{% if %}", "completion": "x"}}, "template.prompt", "syntax error"),
+        ({"template.prompt": "Input: {{ txt }}"}, "template.prompt", 'no field "txt"'),
+        ({"eval.label_field": "sentiment"}, "eval.label_field", "not a field"),
+        ({"tokens.truncatable": ["label"]}, "tokens.truncatable", "never truncated"),
+        ({"tokenizer.asset": "gpt2-bpee"}, "tokenizer.asset", "not a pinned asset"),
+        ({"data.tweets.source": {"path": "missing.tsv"}}, "data.tweets.source.path", "matches no file"),
+        ({"model.n_positions": 16, "tokens.max_total": 32}, "tokens.max_total", "exceeds"),
+        ({"template.prompt": "{% if %}"}, "template.prompt", "syntax error"),
     ],
 )
-def test_cross_field_rules_fail(tmp_path: Path, overrides: dict, key: str, fragment: str) -> None:
-    path = write_json_recipe(tmp_path, base_recipe(**overrides))
+def test_cross_field_rules_fail(tmp_path: Path, changes: dict, key: str, fragment: str) -> None:
+    recipe = base_recipe()
+    for dotted, value in changes.items():
+        _set(recipe, dotted, value)
+    path = write_json_recipe(tmp_path, recipe)
     with pytest.raises(RecipeError) as caught:
         validate(path)
     assert any(d.key == key and fragment in d.message for d in caught.value.diagnostics), caught.value

@@ -55,8 +55,10 @@ def test_length_grouping_is_a_permutation_with_less_padding() -> None:
 
 def test_completion_loss_equals_the_full_model_loss() -> None:
     torch.manual_seed(0)
-    spec = ModelSpec(architecture="gpt2", init="scratch", vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
-                     n_head=2, dropout=0.0, eos_token_id=0, pad_token_id=0)
+    config = {"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 16, "vocab_size": 50,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    spec = ModelSpec(init="scratch", family="gpt2", config=config, weights=None, trust_remote_code=False,
+                     quantization="none", vocab_size=50, n_positions=16, eos_token_id=0, pad_token_id=0)
     model = build_model(spec).eval()
     batch = collate_for_training(_examples(), pad_id=0)
     loss_sum, n = CompletionLoss(model)(**batch)

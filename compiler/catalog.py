@@ -1,0 +1,184 @@
+"""Architecture and hardware facts: the data files under specs/models and specs/hardware.
+
+A recipe names a catalog entry (or a local config.json) instead of downloading a checkpoint, so a
+70B recipe can be planned on a laptop. Only the standard library is used: `recipe validate` reads
+these files.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from compiler.paths import specs_dir
+
+# The nn.Linear (Conv1D for GPT-2) modules inside one decoder block, by family, as peft names them.
+BLOCK_LINEAR_MODULES: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "chatglm": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
+# Sub-modules of a block that freeze.trainable_modules may name.
+BLOCK_SUBMODULES: dict[str, tuple[str, ...]] = {
+    "gpt2": ("attn", "mlp", "ln_1", "ln_2"),
+    "llama": ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
+    "mistral": ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
+    "qwen2": ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
+    "chatglm": ("self_attention", "mlp", "input_layernorm", "post_attention_layernorm"),
+}
+FAMILY_OF_MODEL_TYPE = {"gpt2": "gpt2", "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "chatglm": "chatglm"}
+
+
+class CatalogError(Exception):
+    """A catalog file or config.json that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What planning needs to know about an architecture, read from its config.json fields."""
+
+    name: str
+    family: str
+    config: dict[str, Any]
+    hub: str | None = None
+    parameters: int | None = None  # published total, when the catalog records it
+    chat_template: str | None = None
+
+    def _get(self, *keys: str, default: Any = None) -> Any:
+        for key in keys:
+            if key in self.config:
+                return self.config[key]
+        return default
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._get("hidden_size", "n_embd"))
+
+    @property
+    def num_layers(self) -> int:
+        return int(self._get("num_hidden_layers", "num_layers", "n_layer"))
+
+    @property
+    def num_heads(self) -> int:
+        return int(self._get("num_attention_heads", "n_head"))
+
+    @property
+    def num_kv_heads(self) -> int:
+        if self.family == "chatglm":
+            return int(self.config["multi_query_group_num"]) if self.config.get("multi_query_attention") else self.num_heads
+        return int(self._get("num_key_value_heads", default=self.num_heads) or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        explicit = self._get("head_dim", "kv_channels")
+        return int(explicit) if explicit else self.hidden_size // self.num_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._get("padded_vocab_size", "vocab_size"))
+
+    @property
+    def max_positions(self) -> int:
+        return int(self._get("max_position_embeddings", "seq_length", "n_positions"))
+
+    @property
+    def linear_modules(self) -> tuple[str, ...]:
+        return BLOCK_LINEAR_MODULES[self.family]
+
+    @property
+    def block_submodules(self) -> tuple[str, ...]:
+        return BLOCK_SUBMODULES[self.family]
+
+
+@cache
+def model_catalog() -> dict[str, Path]:
+    """Catalog entry name (and alias) -> its file under specs/models."""
+    out: dict[str, Path] = {}
+    for path in sorted((specs_dir() / "models").glob("*.toml")):
+        out[path.stem] = path
+        try:
+            aliases = tomllib.loads(path.read_text(encoding="utf-8")).get("aliases", [])
+        except tomllib.TOMLDecodeError as exc:
+            raise CatalogError(f"{path.name}: invalid TOML: {exc}") from None
+        for alias in aliases:
+            out.setdefault(alias, path)
+    return out
+
+
+@cache
+def load_model_facts(name: str) -> ModelFacts:
+    """The catalog entry `name` (or alias)."""
+    path = model_catalog()[name]
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    return ModelFacts(
+        name=name,
+        family=raw["family"],
+        config=dict(raw["config"]),
+        hub=raw.get("hub"),
+        parameters=raw.get("parameters"),
+        chat_template=raw.get("chat_template") or None,
+    )
+
+
+def catalog_name_for_hub(hub: str) -> str | None:
+    """The catalog entry whose name, alias or hub repository matches a hub name, if any."""
+    wanted = hub.rsplit("/", 1)[-1].lower()
+    names = model_catalog()
+    if wanted in names:
+        return wanted
+    for name, path in names.items():
+        if name == path.stem and load_model_facts(name).hub and load_model_facts(name).hub.lower() == hub.lower():
+            return name
+    return None
+
+
+def facts_from_config_json(path: Path) -> ModelFacts:
+    """Architecture facts from a Hugging Face config.json; raises CatalogError naming the problem."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise CatalogError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(config, dict):
+        raise CatalogError(f"{path} must hold a JSON object")
+    model_type = config.get("model_type")
+    family = FAMILY_OF_MODEL_TYPE.get(model_type)
+    if family is None:
+        known = ", ".join(sorted(FAMILY_OF_MODEL_TYPE))
+        raise CatalogError(f"{path}: model_type {model_type!r} is not a supported architecture ({known})")
+    return ModelFacts(name=path.parent.name or path.stem, family=family, config=config)
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One GPU model from specs/hardware."""
+
+    name: str
+    memory_gib: float
+    peak_tflops: dict[str, float]
+    bf16_supported: bool
+    usd_per_hour: float
+
+
+@cache
+def hardware_catalog() -> dict[str, Path]:
+    return {p.stem: p for p in sorted((specs_dir() / "hardware").glob("*.toml"))}
+
+
+@cache
+def load_accelerator(name: str) -> Accelerator:
+    raw = tomllib.loads(hardware_catalog()[name].read_text(encoding="utf-8"))
+    return Accelerator(
+        name=raw["name"],
+        memory_gib=float(raw["memory_gib"]),
+        peak_tflops={k: float(v) for k, v in raw["peak_tflops"].items()},
+        bf16_supported=bool(raw.get("bf16_supported", True)),
+        usd_per_hour=float(raw["usd_per_hour"]),
+    )

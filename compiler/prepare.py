@@ -1,0 +1,412 @@
+"""Prepare one data set for the build: read, split, render with its template, measure, tokenize.
+
+The result holds the JSONL files the runtime reads and the facts the plan reports (lengths,
+the budget and why, truncations, labels). Without a tokenizer at compile time (a hub model on a
+machine without the hub) rows are written untokenized and the plan says lengths were not measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compiler.assets import AssetError, AssetSpec, asset_path
+from compiler.budget import (
+    BudgetError,
+    BudgetRequest,
+    Example,
+    LengthStats,
+    TemplateRowError,
+    nearest_rank,
+    plan_budget,
+)
+from compiler.chat import ChatTemplate, ConversationError, chat_template, conversation, segments
+from compiler.checks import resolve_data_path
+from compiler.checks_data import file_format
+from compiler.data import Row, Split, read_rows, split_rows
+from compiler.diagnostics import Diagnostic, RecipeError
+from compiler.loader import LoadedRecipe, display_path
+from compiler.recipe import Dataset, TemplateSection, dataset_template
+from compiler.templating import TemplateError, compile_template
+from compiler.tokenizer import Encoder
+from runtime.config import TemplateSpec
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    name: str
+    format: str
+    source_label: str
+    files: tuple[Path, ...]
+    split: Split
+    template: TemplateSpec
+    measured: bool
+    max_total_tokens: int
+    budget: dict[str, Any]  # for the plan: the choice, its reason, lengths, truncations
+    train_jsonl: bytes
+    heldout_jsonl: bytes
+    tokens_per_epoch: int  # real tokens in the training split (0 when not measured)
+    supervised_per_epoch: int
+    max_completion_tokens: int
+    label_counts: dict[str, dict[str, int]] | None
+    warnings: tuple[Diagnostic, ...] = ()
+
+    @property
+    def mean_seq_len(self) -> float:
+        return self.tokens_per_epoch / max(1, len(self.split.train))
+
+
+def source_files(loaded: LoadedRecipe, name: str, assets: dict[str, AssetSpec]) -> tuple[list[Path], str]:
+    """The files a data set reads, and how to name them in messages."""
+    ds = loaded.recipe.data[name]
+    key = ("data", name, "source")
+    if ds.source.asset is not None:
+        try:
+            path = asset_path(assets[ds.source.asset])
+        except AssetError as exc:
+            raise RecipeError.single(str(exc), **loaded.where(key + ("asset",))) from None
+        return [path], f"asset:{ds.source.asset}/{path.name}"
+    if ds.source.hub is not None:
+        raise RecipeError.single(
+            f"data.{name}.source.hub = {ds.source.hub!r}: hub data sets are not read at compile time here",
+            help="download the data set and point source.path at its files",
+            **loaded.where(key + ("hub",)),
+        )
+    pattern = resolve_data_path(loaded.path, ds.source.path)
+    paths = sorted(Path(p) for p in glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [pattern]
+    return paths, display_path(pattern)
+
+
+def _file_format(ds: Dataset, paths: list[Path]) -> str:
+    fmt = file_format(ds)
+    if fmt == "auto":
+        fmt = paths[0].suffix.lower().lstrip(".")
+    return fmt
+
+
+def template_spec(loaded: LoadedRecipe, name: str, encoder: Encoder | None) -> tuple[TemplateSpec, ChatTemplate | None]:
+    t: TemplateSection = dataset_template(loaded.recipe, name)
+    where = ("data", name, "template") if loaded.recipe.data[name].template else ("template",)
+
+    def read(part: str) -> str | None:
+        inline, file = getattr(t, part), getattr(t, f"{part}_file")
+        return inline if file is None else resolve_data_path(loaded.path, file).read_text(encoding="utf-8")
+
+    chat = None
+    if t.chat is not None:
+        try:
+            chat = chat_template(
+                t.chat,
+                encoder.chat_template if encoder else None,
+                encoder.bos_token if encoder else None,
+                encoder.eos_token if encoder else None,
+            )
+        except TemplateError as exc:
+            raise RecipeError.single(str(exc), **loaded.where(where + ("chat",))) from None
+    loss = t.loss if t.loss != "auto" else ("assistant" if t.chat else "completion")
+    spec = TemplateSpec(
+        prompt=read("prompt"),
+        completion=read("completion"),
+        chat=chat.source if chat else None,
+        chat_name=t.chat,
+        system=t.system,
+        add_eos=t.add_eos,
+        loss=loss,
+    )
+    return spec, chat
+
+
+def prepare_dataset(
+    loaded: LoadedRecipe,
+    name: str,
+    assets: dict[str, AssetSpec],
+    encoder: Encoder | None,
+    n_positions_cap: int | None,
+    label_field: str | None,
+) -> PreparedData:
+    recipe = loaded.recipe
+    ds = recipe.data[name]
+    paths, label = source_files(loaded, name, assets)
+    fmt = _file_format(ds, paths)
+    if fmt not in ("tsv", "csv", "json", "jsonl"):
+        raise RecipeError.single(
+            f"data set {name!r}: cannot read {fmt or 'extension-less'} files ({label})",
+            help='set file_format = "tsv", "csv", "json" or "jsonl"',
+            **loaded.where(("data", name)),
+        )
+    rows = read_rows(paths, ds, fmt, label)
+    if not rows:
+        raise RecipeError.single(f"{label} has no rows", **loaded.where(("data", name, "source")))
+    split = split_rows(rows, ds.split.heldout_fraction, ds.split.seed)
+    spec, chat = template_spec(loaded, name, encoder)
+    labels = _label_counts(split, label_field) if label_field else None
+    common = dict(name=name, format=ds.format, source_label=label, files=tuple(paths), split=split, template=spec,
+                  label_counts=labels)
+    if encoder is None:
+        return _unmeasured(loaded, common, split, label_field)
+    if chat is not None:
+        return _prepare_chat(loaded, common, split, encoder, chat, spec, n_positions_cap, label_field)
+    return _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions_cap, label_field)
+
+
+def _label_counts(split: Split, field: str) -> dict[str, dict[str, int]] | None:
+    if not all(field in r.fields for r in (*split.train, *split.heldout)):
+        return None
+    return {
+        "train": dict(sorted(Counter(str(r.fields[field]) for r in split.train).items())),
+        "heldout": dict(sorted(Counter(str(r.fields[field]) for r in split.heldout).items())),
+    }
+
+
+def _jsonl(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+                   for r in records).encode()
+
+
+def _unmeasured(loaded: LoadedRecipe, common: dict, split: Split, label_field: str | None) -> PreparedData:
+    budget = loaded.recipe.tokens.max_total
+    if budget == "auto":
+        raise RecipeError.single(
+            'tokens.max_total = "auto" needs the tokenizer at compile time, and this one is not available here',
+            help="set tokens.max_total to a number of tokens (the runtime checks every example against it), "
+            "or use a local tokenizer: [tokenizer] path = \"...\"",
+            **loaded.where(("tokens", "max_total")),
+        )
+
+    def records(rows: tuple[Row, ...]) -> list[dict[str, Any]]:
+        return [{"fields": r.fields, "line": r.line} for r in rows]
+
+    warning = Diagnostic(
+        "warning",
+        f"data set {common['name']!r}: token lengths not measured (no tokenizer at compile time); "
+        f"the runtime enforces tokens.max_total = {budget}",
+        **loaded.where(("tokens", "max_total")),
+    )
+    return PreparedData(
+        **common,
+        measured=False,
+        max_total_tokens=budget,
+        budget={"max_total_tokens": budget, "reason": f"set in the recipe (tokens.max_total = {budget})",
+                "measured": False},
+        train_jsonl=_jsonl(records(split.train)),
+        heldout_jsonl=_jsonl(records(split.heldout)),
+        tokens_per_epoch=0,
+        supervised_per_epoch=0,
+        max_completion_tokens=0,
+        warnings=(warning,),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt / completion templates
+
+
+def _variants(rows: tuple[Row, ...], fmt: str) -> list[tuple[Row, str | None]]:
+    """Preference rows render twice: the completion template sees `chosen`, then the rejected text."""
+    if fmt != "preference":
+        return [(r, None) for r in rows]
+    out = []
+    for r in rows:
+        out.append((r, "chosen"))
+        out.append((Row(r.line, dict(r.fields, chosen=r.fields["rejected"])), "rejected"))
+    return out
+
+
+def _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions_cap, label_field) -> PreparedData:
+    recipe = loaded.recipe
+    name = common["name"]
+    where = ("data", name, "template") if recipe.data[name].template else ("template",)
+    eos_ids: tuple[int, ...] = ()
+    if spec.add_eos:
+        eos = encoder.eos_token
+        if eos is None:
+            raise RecipeError.single("template.add_eos needs an eos_token", **loaded.where(where + ("add_eos",)))
+        eos_ids = (encoder.token_id(eos),)
+    request = BudgetRequest(
+        max_total_tokens=None if recipe.tokens.max_total == "auto" else recipe.tokens.max_total,
+        coverage=recipe.tokens.coverage,
+        round_to=recipe.tokens.round_to,
+        n_positions_cap=n_positions_cap,
+        truncatable=tuple(recipe.tokens.truncatable),
+        eos_ids=eos_ids,
+    )
+    ordered = _variants(split.train, common["format"]) + _variants(split.heldout, common["format"])
+    try:
+        budget, examples = plan_budget(
+            [r for r, _ in ordered],
+            compile_template(spec.prompt or ""),
+            compile_template(spec.completion or ""),
+            encoder,
+            request,
+        )
+    except TemplateRowError as exc:
+        raise RecipeError([
+            Diagnostic("error", f"rendering row failed: {exc}", file=common["source_label"], line=exc.line),
+            Diagnostic("error", "while rendering this template", **loaded.where(where)),
+        ]) from None
+    except BudgetError as exc:
+        lines = ", ".join(str(n) for n in exc.lines[:10]) + (" ..." if len(exc.lines) > 10 else "")
+        raise RecipeError.single(
+            str(exc) + (f" (rows at lines {lines} of {common['source_label']})" if exc.lines else ""),
+            help="raise tokens.max_total, shorten the template, or mark more fields truncatable",
+            **loaded.where(("tokens",)),
+        ) from None
+    n_train = len(_variants(split.train, common["format"]))
+    train, heldout = examples[:n_train], examples[n_train:]
+    kinds = [k for _, k in ordered]
+
+    def records(chunk: list[Example], kinds: list[str | None]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for example, kind in zip(chunk, kinds):
+            record: dict[str, Any] = {"completion": list(example.completion_ids), "line": example.line,
+                                      "prompt": list(example.prompt_ids)}
+            if label_field and label_field in example.fields:
+                record["label"] = str(example.fields[label_field])
+            if kind == "rejected":
+                out[-1]["rejected"] = record["completion"]
+                out[-1]["rejected_prompt"] = record["prompt"]
+                continue
+            out.append(record)
+        return out
+
+    info = {
+        "max_total_tokens": budget.max_total_tokens,
+        "reason": budget.reason,
+        "measured": True,
+        "before_truncation": {
+            "prompt": dataclasses.asdict(budget.prompt),
+            "completion": dataclasses.asdict(budget.completion),
+            "total": dataclasses.asdict(budget.total),
+        },
+        "fixed_tokens_max": budget.fixed_tokens_max,
+        "truncated_examples": budget.n_truncated,
+        "truncated_fraction": round(budget.n_truncated / budget.total.count, 4),
+        "tokens_removed": budget.tokens_removed,
+        "truncatable_fields": list(budget.truncated_fields),
+        "completion_truncated_examples": 0,
+        "dropped_examples": 0,
+    }
+    train_only = [e for e, k in zip(train, kinds[:n_train]) if k != "rejected"]
+    return PreparedData(
+        **common,
+        measured=True,
+        max_total_tokens=budget.max_total_tokens,
+        budget=info,
+        train_jsonl=_jsonl(records(train, kinds[:n_train])),
+        heldout_jsonl=_jsonl(records(heldout, kinds[n_train:])),
+        tokens_per_epoch=sum(len(e.prompt_ids) + len(e.completion_ids) for e in train_only),
+        supervised_per_epoch=sum(len(e.completion_ids) for e in train_only),
+        max_completion_tokens=budget.max_completion_tokens,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# chat templates
+
+
+@dataclass(frozen=True)
+class _ChatExample:
+    line: int
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def supervised(self) -> int:
+        return sum(1 for x in self.labels if x != -100)
+
+
+def _encode_chat(loaded, common, rows: tuple[Row, ...], encoder: Encoder, chat: ChatTemplate,
+                 spec: TemplateSpec) -> list[_ChatExample]:
+    fmt = common["format"]
+    pieces: list[list[tuple[str, bool]]] = []
+    problems: list[Diagnostic] = []
+    for row in rows:
+        try:
+            messages = conversation(row.fields, fmt, spec.system)
+            pieces.append(segments(chat, messages, spec.loss))
+        except ConversationError as exc:
+            problems.append(Diagnostic("error", f"row is not a usable conversation: {exc}",
+                                       file=common["source_label"], line=row.line))
+        except TemplateError as exc:
+            raise RecipeError.single(str(exc), **loaded.where(("template",))) from None
+    if problems:
+        raise RecipeError(problems[:20] + ([Diagnostic("error", f"... and {len(problems) - 20} more rows")]
+                                           if len(problems) > 20 else []))
+    flat = [text for segs in pieces for text, _ in segs]
+    ids = iter(encoder.encode_batch(flat))
+    out = []
+    for row, segs in zip(rows, pieces):
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for _, supervised in segs:
+            chunk = next(ids)
+            input_ids += chunk
+            labels += chunk if supervised else [-100] * len(chunk)
+        out.append(_ChatExample(row.line, input_ids, labels))
+    return out
+
+
+def _prepare_chat(loaded, common, split, encoder, chat, spec, n_positions_cap, label_field) -> PreparedData:
+    recipe = loaded.recipe
+    train = _encode_chat(loaded, common, split.train, encoder, chat, spec)
+    heldout = _encode_chat(loaded, common, split.heldout, encoder, chat, spec)
+    totals = sorted(len(e.input_ids) for e in train + heldout)
+    tokens = recipe.tokens
+    if tokens.max_total == "auto":
+        at = nearest_rank(totals, tokens.coverage)
+        budget = -(-at // tokens.round_to) * tokens.round_to
+        reason = (f"{tokens.coverage:.0%} of rendered conversations are at most {at} tokens; "
+                  f"rounded up to a multiple of {tokens.round_to}")
+        if n_positions_cap is not None and budget > n_positions_cap:
+            budget, reason = n_positions_cap, reason + f"; capped at the model's context length {n_positions_cap}"
+    else:
+        budget, reason = tokens.max_total, f"set in the recipe (tokens.max_total = {tokens.max_total})"
+    over = [e.line for e in train + heldout if len(e.input_ids) > budget]
+    warnings: tuple[Diagnostic, ...] = ()
+    if over:
+        shown = ", ".join(map(str, over[:10])) + (" ..." if len(over) > 10 else "")
+        warnings = (Diagnostic(
+            "warning",
+            f"data set {common['name']!r}: {len(over)} conversations exceed {budget} tokens and are left out "
+            f"(rows at lines {shown} of {common['source_label']})",
+            help="raise tokens.max_total or tokens.coverage to keep them",
+            **loaded.where(("tokens",)),
+        ),)
+    keep_train = [e for e in train if len(e.input_ids) <= budget]
+    keep_heldout = [e for e in heldout if len(e.input_ids) <= budget]
+
+    def records(chunk: list[_ChatExample]) -> list[dict[str, Any]]:
+        return [{"input_ids": e.input_ids, "labels": e.labels, "line": e.line} for e in chunk]
+
+    info = {
+        "max_total_tokens": budget,
+        "reason": reason,
+        "measured": True,
+        "before_truncation": {
+            "total": dataclasses.asdict(LengthStats.of(totals)),
+            "supervised": dataclasses.asdict(LengthStats.of([e.supervised for e in train + heldout])),
+        },
+        "truncated_examples": 0,
+        "truncated_fraction": 0.0,
+        "tokens_removed": 0,
+        "truncatable_fields": [],
+        "completion_truncated_examples": 0,
+        "dropped_examples": len(over),
+    }
+    return PreparedData(
+        **common,
+        measured=True,
+        max_total_tokens=budget,
+        budget=info,
+        train_jsonl=_jsonl(records(keep_train)),
+        heldout_jsonl=_jsonl(records(keep_heldout)),
+        tokens_per_epoch=sum(len(e.input_ids) for e in keep_train),
+        supervised_per_epoch=sum(e.supervised for e in keep_train),
+        max_completion_tokens=max((e.supervised for e in keep_train), default=0),
+        warnings=warnings,
+    )
