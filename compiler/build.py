@@ -61,6 +61,8 @@ from runtime.config import (
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer/tokenizer.json"
+# Generation length for an unmeasured data set's samples when the recipe does not set one.
+DEFAULT_UNMEASURED_NEW_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -311,7 +313,12 @@ def _runtime_config(loaded, facts, arch: Architecture, encoder, prepared, n_posi
         ev = r.eval
         p = prepared[eval_data]
         labels = _eval_labels(loaded, eval_data, p)
-        max_new = ev.max_new_tokens if ev.max_new_tokens != "auto" else max(1, p.max_completion_tokens)
+        if ev.max_new_tokens != "auto":
+            max_new = ev.max_new_tokens
+        elif p.measured:
+            max_new = max(1, p.max_completion_tokens)
+        else:
+            max_new = min(DEFAULT_UNMEASURED_NEW_TOKENS, p.max_total_tokens)
         eval_spec = EvalSpec(kind=ev.kind, data=eval_data, stage=_eval_stage(loaded).name, label_field=ev.label_field,
                              labels=labels, extract=ev.extract, max_new_tokens=max_new, batch_size=ev.batch_size,
                              samples=ev.samples)

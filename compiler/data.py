@@ -60,6 +60,10 @@ def read_rows(paths: list[Path], ds: Dataset, fmt: str, display: str) -> list[Ro
         for target, source in ds.fields.items():
             if source in fields:
                 fields[target] = fields.pop(source)
+            elif "." in source:
+                found = _walk(row.fields, source)
+                if found is not _MISSING:
+                    fields[target] = found
         missing = [f for f in required if f not in fields and not (f == "input" and ds.format == "instruction")]
         if missing:
             errors.append(Diagnostic("error", f"row has no {', '.join(repr(m) for m in missing)} ({ds.format} format)",
@@ -80,6 +84,22 @@ def read_rows(paths: list[Path], ds: Dataset, fmt: str, display: str) -> list[Ro
     if errors:
         raise RecipeError(_cap(errors))
     return out
+
+
+_MISSING = object()
+
+
+def _walk(record: dict[str, Any], dotted: str) -> Any:
+    """`instances.0.output` -> record["instances"][0]["output"], or _MISSING."""
+    node: Any = record
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
 
 
 def _read_text(path: Path, display: str) -> str:

@@ -56,6 +56,7 @@ def build_plan(
                 "global_batch_size": stage.micro_batch_size * stage.grad_accum * world,
                 "steps": est.steps,
                 "tokens": est.tokens,
+                "tokens_measured": prepared[stage.data].measured,
                 "train_flops": est.flops,
                 "memory_gib": est.memory.as_gib(),
             }
@@ -158,7 +159,9 @@ def _derived(loaded: LoadedRecipe, config: RuntimeConfig, prepared: dict[str, Pr
         out.append({
             "key": "eval.max_new_tokens",
             "value": config.eval.max_new_tokens,
-            "reason": "longest completion in the data" if recipe.eval.max_new_tokens == "auto" else "set in the recipe",
+            "reason": "set in the recipe" if recipe.eval.max_new_tokens != "auto"
+            else "longest completion in the data" if prepared[config.eval.data].measured
+            else "default for data whose lengths were not measured",
         })
         if config.eval.labels:
             out.append({"key": "eval.labels", "value": list(config.eval.labels),
@@ -170,8 +173,9 @@ def summary_line(stages: Sequence[dict[str, Any]], peak_bytes: int, device: str)
     tokens = sum(s["tokens"] for s in stages)
     flops = sum(s["train_flops"] for s in stages)
     n = len(stages)
+    bound = "" if all(s["tokens_measured"] for s in stages) else "at most "
     return (
-        f"Plan: {n} stage{'s' * (n != 1)}, {_si(tokens)} tokens, {_si(flops)}FLOP; "
+        f"Plan: {n} stage{'s' * (n != 1)}, {bound}{_si(tokens)} tokens, {bound}{_si(flops)}FLOP; "
         f"peak {peak_bytes / GIB:.2f} GiB per {device} device"
     )
 

@@ -135,7 +135,7 @@ def prepare_dataset(
     fmt = _file_format(ds, paths)
     if fmt not in ("tsv", "csv", "json", "jsonl"):
         raise RecipeError.single(
-            f"data set {name!r}: cannot read {fmt or 'extension-less'} files ({label})",
+            f"data set \"{name}\": cannot read {fmt or 'extension-less'} files ({label})",
             help='set file_format = "tsv", "csv", "json" or "jsonl"',
             **loaded.where(("data", name)),
         )
@@ -183,8 +183,8 @@ def _unmeasured(loaded: LoadedRecipe, common: dict, split: Split, label_field: s
 
     warning = Diagnostic(
         "warning",
-        f"data set {common['name']!r}: token lengths not measured (no tokenizer at compile time); "
-        f"the runtime enforces tokens.max_total = {budget}",
+        f"data set \"{common['name']}\": token lengths not measured (no tokenizer at compile time); "
+        f"the runtime enforces tokens.max_total = {budget}, and the plan counts every example at that length",
         **loaded.where(("tokens", "max_total")),
     )
     return PreparedData(
@@ -195,9 +195,10 @@ def _unmeasured(loaded: LoadedRecipe, common: dict, split: Split, label_field: s
                 "measured": False},
         train_jsonl=_jsonl(records(split.train)),
         heldout_jsonl=_jsonl(records(split.heldout)),
-        tokens_per_epoch=0,
-        supervised_per_epoch=0,
-        max_completion_tokens=0,
+        # Unmeasured: an upper bound, every example at the full budget, every token supervised.
+        tokens_per_epoch=len(split.train) * budget,
+        supervised_per_epoch=len(split.train) * budget,
+        max_completion_tokens=budget,
         warnings=(warning,),
     )
 
@@ -372,7 +373,7 @@ def _prepare_chat(loaded, common, split, encoder, chat, spec, n_positions_cap, l
         shown = ", ".join(map(str, over[:10])) + (" ..." if len(over) > 10 else "")
         warnings = (Diagnostic(
             "warning",
-            f"data set {common['name']!r}: {len(over)} conversations exceed {budget} tokens and are left out "
+            f"data set \"{common['name']}\": {len(over)} conversations exceed {budget} tokens and are left out "
             f"(rows at lines {shown} of {common['source_label']})",
             help="raise tokens.max_total or tokens.coverage to keep them",
             **loaded.where(("tokens",)),

@@ -17,7 +17,17 @@ def recipe_schema() -> dict[str, Any]:
     # A JSON recipe may name its schema; that key is not a recipe setting.
     schema["properties"] = {"$schema": {"type": "string", "description": "Path or URL of this schema."},
                             **schema["properties"]}
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return _one_line_descriptions({"$schema": "https://json-schema.org/draft/2020-12/schema", **schema})
+
+
+def _one_line_descriptions(node: Any) -> Any:
+    """Docstrings wrap at 110 columns; editors show descriptions as flowing text."""
+    if isinstance(node, dict):
+        return {k: (" ".join(v.split()) if k == "description" and isinstance(v, str) else _one_line_descriptions(v))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_one_line_descriptions(v) for v in node]
+    return node
 
 
 def recipe_json_schema() -> str:

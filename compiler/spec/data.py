@@ -139,7 +139,8 @@ class Dataset(Section):
     columns: list[str] | None = None
     """Column names for a TSV/CSV file without a header row."""
     fields: dict[str, str] = Field(default_factory=dict)
-    """Rename the file's keys to the format's field names, e.g. { user_input = "question" }."""
+    """Map the format's field names to the file's keys, e.g. { user_input = "question" }; a dotted key
+    reaches into nested records, e.g. { output = "instances.0.output" }."""
     html_unescape: list[str] = Field(default_factory=list)
     """Fields whose HTML entities (&amp; and the like) are decoded."""
     derive: list[DeriveBins] = Field(default_factory=list)
