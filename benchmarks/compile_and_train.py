@@ -50,7 +50,7 @@ def main() -> int:
 
         config = load_runtime_config(build)
         stage = config.stages[0]
-        lengths = [len(e) for e in read_examples(build / config.data.train)]
+        lengths = [len(e) for e in read_examples(build / config.data[stage.data].train)]
         batches = length_grouped_batches(lengths, stage.micro_batch_size, config.seed)
         plain = length_grouped_batches(lengths, stage.micro_batch_size, config.seed, group=False)
         figures["padding_fraction_pad_to_max"] = round(_padding_fraction(lengths, plain, config.model.n_positions), 4)

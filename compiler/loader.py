@@ -68,46 +68,95 @@ def parse_document(path: Path) -> tuple[dict[str, Any], str, SourceMap]:
             f"recipe file {shown} not found", help="check the path; recipes usually live under specs/"
         )
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError.single(f"cannot read {shown}: {exc}", file=shown) from None
+        text = path.read_bytes().decode("utf-8-sig")  # a byte order mark from some editors is fine
+    except OSError as exc:
+        raise RecipeError.single(f"cannot read {shown}: {exc.strerror}", file=shown) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError.single(f"{shown} is not UTF-8 (byte {exc.start})", file=shown,
+                                 help="save the recipe as UTF-8") from None
+    lines = text.splitlines()
+
+    def quote(line: int | None) -> str | None:
+        return lines[line - 1] if line and line <= len(lines) else None
+
     suffix = path.suffix.lower()
     if suffix == ".toml":
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             line, col = _toml_error_position(str(exc))
-            lines = text.splitlines()
             reason = re.sub(r" \(at line \d+, column \d+\)", "", str(exc))
+            reason, col = _plain_toml_error(reason, quote(line) or "", col)
             raise RecipeError.single(
-                f"invalid TOML: {reason}",
-                file=shown,
-                line=line,
-                column=col,
-                source_line=lines[line - 1] if line and line <= len(lines) else None,
+                f"invalid TOML: {reason}", file=shown, line=line, column=col, source_line=quote(line)
             ) from None
         return data, text, toml_source_map(text)
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            lines = text.splitlines()
+            message, line, column = _plain_json_error(exc)
             raise RecipeError.single(
-                f"invalid JSON: {exc.msg}",
-                file=shown,
-                line=exc.lineno,
-                column=exc.colno,
-                source_line=lines[exc.lineno - 1] if exc.lineno <= len(lines) else None,
+                f"invalid JSON: {message}", file=shown, line=line, column=column, source_line=quote(line)
             ) from None
         if not isinstance(data, dict):
             raise RecipeError.single(
-                f"the top level of {shown} must be an object, found {type(data).__name__}", file=shown, line=1
+                f"the top level of {shown} must be an object, found {_json_kind(data)}",
+                file=shown, line=1, column=1, source_line=quote(1),
             )
-        return data, text, json_source_map(text)
+        smap = json_source_map(text)
+        if smap.duplicates:
+            key, (line, column) = smap.duplicates[0]
+            raise RecipeError.single(
+                f'invalid JSON: key "{key[-1]}" is defined twice', file=shown, line=line, column=column,
+                source_line=quote(line), help="remove one of them",
+            )
+        return data, text, smap
     raise RecipeError.single(
         f"{shown}: unsupported recipe format {suffix or '(no extension)'!r}",
         help="write the recipe as .toml or .json",
     )
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "true or false"
+    if value is None:
+        return "null"
+    return "a number"
+
+
+def _plain_toml_error(reason: str, line_text: str, column: int | None) -> tuple[str, int | None]:
+    """tomllib's wording, made to name what the user wrote."""
+    if reason == "Cannot overwrite a value":
+        m = re.match(r"\s*([^=\s]+)\s*=", line_text)
+        if m:
+            return f'key "{m.group(1)}" is defined twice', m.start(1) + 1
+    if m := re.match(r"Cannot declare \((.*)\) twice", reason):
+        names = re.findall(r"'([^']*)'", m.group(1))
+        return f"table [{'.'.join(names)}] is declared twice", line_text.find("[") + 2
+    if reason == "Illegal character '\\n'" or reason.startswith("Illegal character '\\n'"):
+        for quote in ('"', "'"):
+            if line_text.count(quote) % 2 == 1:
+                return "unterminated string", line_text.rfind(quote) + 1
+    return reason, column
+
+
+def _plain_json_error(exc: json.JSONDecodeError) -> tuple[str, int, int]:
+    """A trailing comma is the commonest JSON mistake; say so, at the comma."""
+    before = exc.doc[: exc.pos].rstrip()
+    if before.endswith(",") and exc.msg in ("Expecting property name enclosed in double quotes", "Expecting value"):
+        comma = len(before) - 1
+        line = exc.doc.count("\n", 0, comma) + 1
+        column = comma - (exc.doc.rfind("\n", 0, comma) + 1) + 1
+        closing = exc.doc[exc.pos : exc.pos + 1]
+        where = "array" if closing == "]" else "object"
+        return f"Illegal trailing comma before end of {where}", line, column
+    return exc.msg, exc.lineno, exc.colno
 
 
 def _toml_error_position(message: str) -> tuple[int | None, int | None]:
@@ -223,7 +272,7 @@ def _plain(message: str) -> str:
 
 
 def _show(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -32,6 +32,7 @@ class SourceMap:
 
     lines: list[str]
     positions: dict[tuple[str, ...], Position] = field(default_factory=dict)
+    duplicates: list[tuple[tuple[str, ...], Position]] = field(default_factory=list)  # JSON keys given twice
 
     def locate(self, path: tuple[str | int, ...]) -> tuple[Position | None, tuple[str, ...]]:
         """Position of the longest recorded prefix of `path`, and that prefix."""
@@ -61,12 +62,14 @@ def toml_source_map(text: str) -> SourceMap:
             index = array_counts.get(base, -1) + 1
             array_counts[base] = index
             table = base + (str(index),)
-            smap.positions.setdefault(base, (lineno, m.start(1) + 1))
+            for end in range(1, len(base) + 1):  # [[a.b]] also defines table a
+                smap.positions.setdefault(base[:end], (lineno, m.start(1) + 1))
             smap.positions[table] = (lineno, m.start(1) + 1)
             continue
         if m := _TABLE.match(line):
             table = _resolve_table(tuple(_split_dotted(m.group(1))), array_counts)
-            smap.positions.setdefault(table, (lineno, m.start(1) + 1))
+            for end in range(1, len(table) + 1):  # [a.b] also defines table a
+                smap.positions.setdefault(table[:end], (lineno, m.start(1) + 1))
             continue
         if m := _ASSIGN.match(line):
             key = table + tuple(_split_dotted(m.group(2)))
@@ -129,6 +132,8 @@ class _JsonScanner:
                 self.ws()
                 start = self.i
                 key = self.string()
+                if path + (key,) in self.smap.positions:
+                    self.smap.duplicates.append((path + (key,), self.pos(start)))
                 self.smap.positions.setdefault(path + (key,), self.pos(start))
                 self.ws()
                 self.i += 1  # ':'

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import re
-from typing import Annotated, Literal
+import sys
+from functools import cache
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,7 +30,54 @@ class Section(BaseModel):
     show on hover, so they are written for the person editing a recipe.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # defer_build: only the top-level Recipe builds a validator, on first use, instead of every
+    # section building its own at import (keeps `recipe validate` fast).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        describe_fields(cls)
+
+
+@cache
+def _module_field_docs(module_name: str) -> dict[str, dict[str, str]]:
+    """{class name: {field: docstring}} for one module, from a single parse of its source.
+
+    pydantic's `use_attribute_docstrings` does the same per class (re-reading the source each
+    time); doing it once per module keeps the import of the recipe models cheap."""
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if not path or not path.endswith(".py"):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for field, doc in zip(node.body, node.body[1:]):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)
+            ):
+                docs.setdefault(node.name, {})[field.target.id] = inspect.cleandoc(doc.value.value)
+    return docs
+
+
+def describe_fields(cls: type[BaseModel]) -> None:
+    """Give each field without a description the docstring written under it (here or in a base)."""
+    for name, info in cls.model_fields.items():
+        if info.description:
+            continue
+        for klass in cls.__mro__:
+            doc = _module_field_docs(klass.__module__).get(klass.__qualname__, {}).get(name)
+            if doc:
+                info.description = doc
+                break
 
 
 def exactly_one(section: BaseModel, names: tuple[str, ...], where: str) -> None:
