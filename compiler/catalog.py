@@ -138,21 +138,23 @@ def catalog_name_for_hub(hub: str) -> str | None:
     return None
 
 
-def facts_from_config_json(path: Path) -> ModelFacts:
-    """Architecture facts from a Hugging Face config.json; raises CatalogError naming the problem."""
+def facts_from_config_json(path: Path, shown: str | None = None) -> ModelFacts:
+    """Architecture facts from a Hugging Face config.json; raises CatalogError naming the problem.
+    `shown` is how messages name the file (as the user wrote it)."""
+    shown = shown or str(path)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise CatalogError(f"cannot read {path}: {exc.strerror}") from None
+        raise CatalogError(f"cannot read {shown}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
-        raise CatalogError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        raise CatalogError(f"{shown} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     if not isinstance(config, dict):
-        raise CatalogError(f"{path} must hold a JSON object")
+        raise CatalogError(f"{shown} must hold a JSON object")
     model_type = config.get("model_type")
     family = FAMILY_OF_MODEL_TYPE.get(model_type)
     if family is None:
         known = ", ".join(sorted(FAMILY_OF_MODEL_TYPE))
-        raise CatalogError(f"{path}: model_type {model_type!r} is not a supported architecture ({known})")
+        raise CatalogError(f"{shown}: model_type {json.dumps(model_type)} is not a supported architecture ({known})")
     return ModelFacts(name=path.parent.name or path.stem, family=family, config=config)
 
 

@@ -8,6 +8,8 @@ way `transformers` renders `apply_chat_template` (trim_blocks, lstrip_blocks).
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +55,7 @@ class ChatTemplate:
                 eos_token=self.eos_token,
             )
         except jinja2.TemplateError as exc:
-            raise TemplateError(f"chat template {self.name!r} failed: {exc}") from None
+            raise TemplateError(f"chat template \"{self.name}\" failed: {exc}") from None
 
 
 def chat_template(name: str, tokenizer_source: str | None, bos: str | None, eos: str | None) -> ChatTemplate:
@@ -88,7 +90,7 @@ def conversation(fields: dict[str, Any], fmt: str, system: str | None) -> list[d
         messages = [{"role": "user", "content": str(fields["prompt"])},
                     {"role": "assistant", "content": str(fields["chosen"])}]
     else:
-        raise ConversationError(f"format {fmt!r} has no roles to build a conversation from")
+        raise ConversationError(f"format \"{fmt}\" has no roles to build a conversation from")
     if system and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system}, *messages]
     return messages
@@ -102,11 +104,11 @@ def _messages(value: Any, role_key: str, content_key: str, roles: dict[str, str]
         if not isinstance(message, dict):
             raise ConversationError(f"message {i} is {type(message).__name__}, not an object")
         if role_key not in message or content_key not in message:
-            raise ConversationError(f"message {i} needs {role_key!r} and {content_key!r}")
+            raise ConversationError(f"message {i} needs \"{role_key}\" and \"{content_key}\"")
         role = message[role_key]
         role = roles.get(role, role) if roles else role
         if role not in ROLES:
-            raise ConversationError(f"message {i} has role {message[role_key]!r}; roles are {', '.join(ROLES)}")
+            raise ConversationError(f"message {i} has role {json.dumps(message[role_key])}; roles are {', '.join(ROLES)}")
         content = message[content_key]
         if not isinstance(content, str):
             raise ConversationError(f"message {i} content is {type(content).__name__}, not a string")
@@ -131,7 +133,7 @@ def segments(template: ChatTemplate, messages: list[dict[str, str]], loss: str) 
         before = template.render(messages[:i], add_generation_prompt=True)
         through = template.render(messages[: i + 1])
         if not before.startswith(done) or not through.startswith(before):
-            raise TemplateError(f"chat template {template.name!r} renders a conversation's prefix differently "
+            raise TemplateError(f"chat template \"{template.name}\" renders a conversation's prefix differently "
                                 "from the conversation; assistant turns cannot be located")
         supervised = loss == "all" or loss == "assistant" or (loss == "last_assistant" and i == last_assistant)
         out.append((before[len(done):], loss == "all"))

@@ -86,7 +86,7 @@ def model_facts(ctx: Context) -> tuple[ModelFacts | None, list[Diagnostic]]:
     if config is not None:
         key = ("model", "config") if model.config is not None else ("model", "path")
         try:
-            return facts_from_config_json(ctx.path(config)), []
+            return facts_from_config_json(ctx.path(config), config), []
         except CatalogError as exc:
             return None, [ctx.error(str(exc), key, "point at the checkpoint's config.json, or name a catalog entry")]
     found = catalog_name_for_hub(model.hub) if model.hub else None
@@ -135,7 +135,7 @@ def _check_model(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
                     out.append(ctx.error(
                         f'model.quantization = "{model.quantization}" freezes the base weights, '
                         f'but {".".join(map(str, key))} trains them ({adapter.kind})',
-                        key,
+                        key if key != ("adapter",) or "adapter" in ctx.loaded.text else ("model", "quantization"),
                         'use kind = "lora" or "prefix", or quantization = "none"',
                     ))
     tokens = ctx.recipe.tokens.max_total
@@ -298,5 +298,20 @@ def check_recipe(loaded: LoadedRecipe, assets: dict[str, str]) -> list[Diagnosti
     for rule in RULES_BEFORE_DATA:
         out += rule(ctx)
     out += _check_adapters(ctx, facts)
+    out += _check_stage_names(ctx)
     out += check_data_and_stages(ctx)
-    return sorted(out, key=lambda d: (d.severity != "error", d.line or 0, d.column or 0, d.message))
+    unique = list(dict.fromkeys(out))  # two data sets sharing one template report its problems once
+    return sorted(unique, key=lambda d: (d.severity != "error", d.line or 0, d.column or 0, d.message))
+
+
+def _check_stage_names(ctx: Context) -> list[Diagnostic]:
+    out, seen = [], set()
+    for i, stage in enumerate(ctx.recipe.stages):
+        if stage.name == "base":
+            out.append(ctx.error("\"base\" names the recipe's [model]; give the stage another name",
+                                 ("stages", i, "name")))
+        elif stage.name in seen:
+            out.append(ctx.error(f"two stages are named {q(stage.name)}; stage names must be unique",
+                                 ("stages", i, "name")))
+        seen.add(stage.name)
+    return out

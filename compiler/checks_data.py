@@ -94,7 +94,9 @@ def _template_key(name: str, ds: Dataset) -> Key:
 
 def _check_template(ctx: Context, name: str, ds: Dataset) -> list[Diagnostic]:
     template = ds.template or ctx.recipe.template
-    assert template is not None  # the schema requires one
+    if template is None:
+        return [ctx.error(f"data set {q(name)} has no template", ("data", name),
+                          f"add a [template] section, or [data.{name}.template]")]
     at = _template_key(name, ds)
     out: list[Diagnostic] = []
     is_chat_data = ds.format in CHAT_FORMATS
@@ -123,7 +125,7 @@ def _check_template(ctx: Context, name: str, ds: Dataset) -> list[Diagnostic]:
             out.append(ctx.error(f"the template has no {part}", at, f"add {part} = \"...\" (or {part}_file)"))
             continue
         if source is None:
-            out.append(ctx.error(f"{'.'.join(map(str, key))} = {getattr(template, f'{part}_file')!r} not found",
+            out.append(ctx.error(f"{'.'.join(map(str, key))} = {q(getattr(template, f'{part}_file'))} not found",
                                  key, "paths are relative to the recipe file"))
             continue
         try:
@@ -137,7 +139,8 @@ def _check_template(ctx: Context, name: str, ds: Dataset) -> list[Diagnostic]:
                 out.append(ctx.error(
                     f"template.{part} uses {{{{ {var} }}}} but data set {q(name)} has no field {q(var)}",
                     at + (part,), _suggest(var, known, "fields available")))
-    for var in ctx.recipe.tokens.truncatable:
+    unknown = known is not None and any(names - known for names in variables.values())
+    for var in [] if unknown else ctx.recipe.tokens.truncatable:  # a misspelt field is reported once, above
         if "prompt" in variables and var not in variables["prompt"] and var not in variables.get("completion", ()):
             out.append(ctx.error(f"tokens.truncatable names {q(var)}, which template.prompt does not use",
                                  ("tokens", "truncatable"), _suggest(var, variables["prompt"], "prompt fields")))
@@ -243,7 +246,8 @@ def _check_reward_model(ctx: Context, i: int, stage: PpoStage, earlier: list[str
         return [ctx.error(f"stage {q(stage.name)}: reward_model = {q(stage.reward_model)} runs later", at,
                           "put the reward stage before the ppo stage")]
     if not isinstance(target, RewardStage):
-        return [ctx.error(f"stage {q(stage.name)}: reward_model = {q(stage.reward_model)} is a {target.kind} stage, "
+        article = "an" if target.kind[0] in "aeiosu" else "a"
+        return [ctx.error(f"stage {q(stage.name)}: reward_model = {q(stage.reward_model)} is {article} {target.kind} stage, "
                           "not a reward stage", at, 'name a stage with kind = "reward"')]
     return []
 

@@ -219,7 +219,7 @@ def _bin(derive: DeriveBins, value: Any) -> tuple[str | None, str | None]:
     try:
         number = float(value)
     except (TypeError, ValueError):
-        return None, f"{derive.source} = {value!r} is not a number (needed to derive {derive.name!r})"
+        return None, f"{derive.source} = {json.dumps(value)} is not a number (needed to derive \"{derive.name}\")"
     edges, labels = derive.edges, derive.labels
     if number < edges[0]:
         return labels[0], None

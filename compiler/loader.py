@@ -113,7 +113,7 @@ def parse_document(path: Path) -> tuple[dict[str, Any], str, SourceMap]:
             )
         return data, text, smap
     raise RecipeError.single(
-        f"{shown}: unsupported recipe format {suffix or '(no extension)'!r}",
+        f"{shown}: unsupported recipe format \"{suffix or '(no extension)'}\"",
         help="write the recipe as .toml or .json",
     )
 
@@ -251,10 +251,15 @@ def _diagnostic(real: tuple[str, ...], errs: list[dict[str, Any]], where: dict[s
     if kind == "literal_error":
         choices = re.findall(r"'([^']*)'|(\d+)", err["ctx"]["expected"])
         choices = [a or b for a, b in choices]
+        value = err["input"]
+        if isinstance(value, str) and value in choices and any(b for _, b in re.findall(r"'([^']*)'|(\d+)", err["ctx"]["expected"])):
+            hint = f"write the number without quotes: {real[-1]} = {value}"
+        else:
+            hint = did_you_mean(value, choices)
         return Diagnostic(
             "error",
-            f"{'.'.join(real)} = {_show(err['input'])} is not one of: {', '.join(choices)}",
-            help=did_you_mean(err["input"], choices),
+            f"{'.'.join(real)} = {_show(value)} is not one of: {', '.join(choices)}",
+            help=hint,
             **where,
         )
     message = err["msg"].removeprefix("Value error, ")
@@ -372,5 +377,5 @@ def _field_help(parent: Any, key: str, table: tuple[str, ...]) -> str:
     for model in _models(parent):
         for name, info in model.model_fields.items():
             if key in (name, info.alias) and info.description:
-                return f"{key}: {info.description}"
+                return f"{key}: {' '.join(info.description.split())}"
     return f'add {key} = ... to {"[" + ".".join(table) + "]" if table else "the top level"}'

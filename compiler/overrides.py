@@ -31,7 +31,7 @@ def parse_override(text: str) -> Override:
     key = key.strip()
     if not sep or not key or not _KEY.match(key):
         raise RecipeError.single(
-            f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. --set train.learning_rate=1e-4"
+            f"--set \"{text}\": expected KEY=VALUE with a dotted key, e.g. --set train.learning_rate=1e-4"
         )
     raw = raw.strip()
     try:
@@ -81,6 +81,6 @@ def _list_index(items: list[Any], segment: str, override: Override) -> int:
     if segment in names:
         return names.index(segment)
     raise RecipeError.single(
-        f"--set {override.text}: no element named {segment!r}",
+        f"--set {override.text}: no element named \"{segment}\"",
         help=f"names: {', '.join(str(n) for n in names)}" if names else None,
     )

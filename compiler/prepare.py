@@ -73,7 +73,7 @@ def source_files(loaded: LoadedRecipe, name: str, assets: dict[str, AssetSpec]) 
         return [path], f"asset:{ds.source.asset}/{path.name}"
     if ds.source.hub is not None:
         raise RecipeError.single(
-            f"data.{name}.source.hub = {ds.source.hub!r}: hub data sets are not read at compile time here",
+            f"data.{name}.source.hub = \"{ds.source.hub}\": hub data sets are not read at compile time here",
             help="download the data set and point source.path at its files",
             **loaded.where(key + ("hub",)),
         )

@@ -7,7 +7,7 @@ are computed later and shown in the plan with their reasons.
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from compiler.spec.base import NAME_PATTERN, Section
 from compiler.spec.data import (
@@ -95,7 +95,7 @@ class Recipe(Section):
     def _name_is_a_directory_name(cls, name: str) -> str:
         if not NAME_PATTERN.match(name):
             raise ValueError(
-                f"name {name!r} must be lowercase letters, digits, '.', '_' or '-' (it names the build directory)"
+                f"name \"{name}\" must be lowercase letters, digits, '.', '_' or '-' (it names the build directory)"
             )
         return name
 
@@ -104,31 +104,8 @@ class Recipe(Section):
     def _dataset_names(cls, data: dict[str, Dataset]) -> dict[str, Dataset]:
         for name in data:
             if not NAME_PATTERN.match(name):
-                raise ValueError(f"data set name {name!r} must be lowercase letters, digits, '.', '_' or '-'")
+                raise ValueError(f"data set name \"{name}\" must be lowercase letters, digits, '.', '_' or '-'")
         return data
-
-    @field_validator("stages")
-    @classmethod
-    def _unique_stage_names(cls, stages: list[Stage]) -> list[Stage]:
-        seen: set[str] = set()
-        for stage in stages:
-            if stage.name in seen:
-                raise ValueError(f"two stages are named {stage.name!r}; stage names must be unique")
-            if stage.name == "base":
-                raise ValueError('"base" names the recipe\'s [model]; give the stage another name')
-            seen.add(stage.name)
-        return stages
-
-    @model_validator(mode="after")
-    def _template_somewhere(self) -> Recipe:
-        if self.template is None:
-            missing = [name for name, ds in self.data.items() if ds.template is None]
-            if missing:
-                raise ValueError(
-                    f"data set(s) {', '.join(missing)} have no template: add a [template] section "
-                    f"or [data.{missing[0]}.template]"
-                )
-        return self
 
 
 def training(recipe: Recipe, stage: Stage) -> TrainSection:
@@ -149,9 +126,8 @@ def stage_dataset(recipe: Recipe, stage: Stage) -> str:
 
 
 def dataset_template(recipe: Recipe, name: str) -> TemplateSection:
-    dataset = recipe.data[name]
-    template = dataset.template or recipe.template
-    assert template is not None  # Recipe._template_somewhere guarantees it
+    template = recipe.data[name].template or recipe.template
+    assert template is not None  # checks_data reports a data set without a template before anything reads it
     return template
 
 

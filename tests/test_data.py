@@ -51,7 +51,7 @@ def test_non_numeric_score_for_a_bin_is_an_error_with_line(tmp_path: Path) -> No
     with pytest.raises(RecipeError) as caught:
         read_rows([path], _section(), "tsv", "bad.tsv")
     (diag,) = caught.value.diagnostics
-    assert diag.line == 2 and "'high' is not a number" in diag.message
+    assert diag.line == 2 and '"high" is not a number' in diag.message
 
 
 def test_non_utf8_file_is_reported(tmp_path: Path) -> None:

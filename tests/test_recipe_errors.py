@@ -70,7 +70,7 @@ def test_cli_error_snapshot_exit_1_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     expected = textwrap.dedent(
         """\
-        error: model.n_layer = "four": should be a valid integer, unable to parse string as an integer
+        error: model.n_layer = "four": should be a valid integer
           --> bad.toml:6:1
            | n_layer = "four"
 

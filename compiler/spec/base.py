@@ -32,7 +32,8 @@ class Section(BaseModel):
 
     # defer_build: only the top-level Recipe builds a validator, on first use, instead of every
     # section building its own at import (keeps `recipe validate` fast).
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    # strict: "2" is not silently read as 2, nor "yes" as true; a recipe says what it means.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=True)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

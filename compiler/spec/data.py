@@ -50,7 +50,7 @@ class DeriveBins(Section):
     """A categorical field cut from a numeric one: value < edges[0] -> labels[0], and so on.
     A value equal to an edge falls into the middle class (the outer bins are strict)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True, defer_build=True)
 
     name: str
     """Name of the new field."""

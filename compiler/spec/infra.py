@@ -73,7 +73,7 @@ class SlurmSection(Section):
     @classmethod
     def _time(cls, value: str) -> str:
         if not _TIME.match(value):
-            raise ValueError(f'time {value!r} must look like "24:00:00" or "2-00:00:00"')
+            raise ValueError(f'time "{value}" must look like "24:00:00" or "2-00:00:00"')
         return value
 
 
@@ -92,7 +92,7 @@ class LaunchSection(Section):
     def _env_names(cls, names: list[str]) -> list[str]:
         for name in names:
             if not _ENV_NAME.match(name):
-                raise ValueError(f"{name!r} is not an environment variable name (letters, digits, _)")
+                raise ValueError(f'"{name}" is not an environment variable name (letters, digits, _)')
         return names
 
 

@@ -46,7 +46,7 @@ class TrainSection(Section):
     """Clip the global gradient norm to this value."""
     optimizer: Literal["adamw", "adamw_8bit", "sgd", "adafactor"] = "adamw"
     """Optimizer. adamw_8bit needs bitsandbytes and a GPU."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: Annotated[tuple[float, float], Field(strict=False)] = (0.9, 0.999)  # TOML and JSON have lists
     """AdamW beta1, beta2."""
     adam_eps: PositiveFloat = 1e-8
     """AdamW epsilon."""
