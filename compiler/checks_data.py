@@ -206,7 +206,12 @@ def _check_stages(ctx: Context) -> list[Diagnostic]:
         adapter = stage_adapter(r, stage)
         if isinstance(r.model, PretrainedModel) and isinstance(adapter, FullAdapter) and stage.start == "base":
             if train.learning_rate > 1e-4 and not isinstance(stage, PretrainStage):
-                key = at + ("learning_rate",) if stage.learning_rate is not None else ("train", "learning_rate")
+                if stage.learning_rate is not None:
+                    key = at + ("learning_rate",)
+                elif "learning_rate" in r.train.model_fields_set:
+                    key = ("train", "learning_rate")
+                else:
+                    key = at  # the default learning rate: point at the stage that uses it
                 out.append(ctx.warning(
                     f"stage {q(stage.name)}: learning_rate = {train.learning_rate:g} is high for full fine-tuning of "
                     "a pretrained model and may erase what it knows", key, "typical values are 1e-5 to 1e-4"))

@@ -79,10 +79,34 @@ def toml_source_map(text: str) -> SourceMap:
                 if rest.count(quote) % 2 == 1:
                     in_multiline = quote
             if "{" in rest:
-                for im in _INLINE_KEY.finditer(line, m.end()):
-                    inner = key + tuple(_split_dotted(im.group(2)))
-                    smap.positions.setdefault(inner, (lineno, im.start(2) + 1))
+                _inline_keys(smap, key, line, m.end(), lineno)
     return smap
+
+
+def _inline_keys(smap: SourceMap, key: tuple[str, ...], line: str, start: int, lineno: int) -> None:
+    """Keys of inline tables on one line: `k = { a = 1 }` and `k = [{ a = 1 }, { a = 2 }]`
+    (the latter numbered by element, k.0.a and k.1.a). Strings are not parsed: a brace inside a
+    quoted value can shift the numbering, which only costs a less precise position."""
+    depth_brackets = 0
+    element = -1
+    table_start = None
+    for i in range(start, len(line)):
+        ch = line[i]
+        if ch == "[":
+            depth_brackets += 1
+        elif ch == "]":
+            depth_brackets -= 1
+        elif ch == "{" and table_start is None:
+            table_start = i
+            if depth_brackets:
+                element += 1
+        elif ch == "}" and table_start is not None:
+            prefix = key + ((str(element),) if depth_brackets else ())
+            if depth_brackets:
+                smap.positions.setdefault(prefix, (lineno, table_start + 1))
+            for im in _INLINE_KEY.finditer(line[: i + 1], table_start):
+                smap.positions.setdefault(prefix + tuple(_split_dotted(im.group(2))), (lineno, im.start(2) + 1))
+            table_start = None
 
 
 def _resolve_table(path: tuple[str, ...], array_counts: dict[tuple[str, ...], int]) -> tuple[str, ...]:

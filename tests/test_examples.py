@@ -124,3 +124,15 @@ def test_committed_chat_data_equals_its_generator(tmp_path: Path) -> None:
     committed = (EXAMPLES / "data" / "seed-tasks-chat.jsonl").read_text(encoding="utf-8")
     generator = _generator()
     assert committed == generator.render(generator.chat_records(seed_tasks))
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.stem)
+def test_toml_and_json_spellings_of_a_recipe_mean_the_same(path: Path, tmp_path: Path) -> None:
+    import tomllib
+
+    from compiler.loader import load_recipe
+
+    (tmp_path / "data").symlink_to(EXAMPLES / "data")
+    as_json = tmp_path / f"{path.stem}.json"
+    as_json.write_text(json.dumps(tomllib.loads(path.read_text(encoding="utf-8")), indent=2))
+    assert load_recipe(as_json).recipe == load_recipe(path).recipe
