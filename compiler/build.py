@@ -247,7 +247,7 @@ def _stage_spec(loaded: LoadedRecipe, stage: Stage) -> StageSpec:
     r = loaded.recipe
     t = training(r, stage)
     own = {k: v for k, v in stage.model_dump(mode="json").items()
-           if k not in _STAGE_PARAMS_EXCLUDE and k not in t.model_fields}
+           if k not in _STAGE_PARAMS_EXCLUDE and k not in type(t).model_fields}
     return StageSpec(
         name=stage.name,
         kind=stage.kind,
