@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,9 +244,11 @@ def _adapter_spec(adapter) -> AdapterSpec:
 _STAGE_PARAMS_EXCLUDE = {"name", "kind", "data", "start", "adapter"}
 
 
-def _stage_spec(loaded: LoadedRecipe, stage: Stage) -> StageSpec:
+def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int) -> StageSpec:
     r = loaded.recipe
     t = training(r, stage)
+    steps = planned_steps(t, n_train, r.hardware.nodes * r.hardware.nproc_per_node)
+    warmup = t.warmup_steps if t.warmup_ratio is None else math.ceil(t.warmup_ratio * steps)
     own = {k: v for k, v in stage.model_dump(mode="json").items()
            if k not in _STAGE_PARAMS_EXCLUDE and k not in type(t).model_fields}
     return StageSpec(
@@ -260,13 +263,14 @@ def _stage_spec(loaded: LoadedRecipe, stage: Stage) -> StageSpec:
         grad_accum=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_schedule=t.lr_schedule,
-        warmup_steps=t.warmup_steps,
+        warmup_steps=warmup,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optimizer=t.optimizer,
         adam_betas=t.adam_betas,
         adam_eps=t.adam_eps,
         log_every_steps=t.log_every_steps,
+        eval_every_steps=t.eval_every_steps,
         save_every_steps=t.save_every_steps,
         keep_checkpoints=t.keep_checkpoints,
         length_grouping=t.length_grouping,
@@ -334,7 +338,7 @@ def _runtime_config(loaded, facts, arch: Architecture, encoder, prepared, n_posi
                                 hub=None if encoder else (r.tokenizer.hub if r.tokenizer and r.tokenizer.hub else getattr(model, "hub", None)),
                                 eos_token=eos, pad_token=pad),
         data=data,
-        stages=tuple(_stage_spec(loaded, s) for s in r.stages),
+        stages=tuple(_stage_spec(loaded, s, data[stage_dataset(r, s)].n_train) for s in r.stages),
         eval=eval_spec,
         hardware=HardwareSpec(device=hw.device, gpu=hw.gpu, nproc_per_node=hw.nproc_per_node, nodes=hw.nodes,
                               precision=hw.precision, zero_stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
@@ -359,6 +363,13 @@ def _eval_labels(loaded: LoadedRecipe, name: str, p: PreparedData) -> tuple[str,
 # estimates
 
 
+def planned_steps(t, n_train: int, world: int) -> int:
+    """Optimizer steps of a stage: max_steps, or epochs x ceil(examples / global batch)."""
+    if t.max_steps is not None:
+        return t.max_steps
+    return max(1, -(-n_train // (t.micro_batch_size * t.grad_accum * world))) * t.epochs
+
+
 def trainable_parameters(arch: Architecture, adapter) -> int:
     if isinstance(adapter, LoraAdapter):
         return lora_parameters(arch, adapter.rank, adapter.targets)
@@ -379,7 +390,7 @@ def _estimate(loaded: LoadedRecipe, arch: Architecture, stage: Stage, data: Prep
     trainable = trainable_parameters(arch, stage_adapter(r, stage))
     n_train = config.data[stage_dataset(r, stage)].n_train
     steps_per_epoch = max(1, -(-n_train // (t.micro_batch_size * t.grad_accum * world)))
-    steps = t.max_steps if t.max_steps is not None else steps_per_epoch * t.epochs
+    steps = planned_steps(t, n_train, world)
     epochs = steps / steps_per_epoch
     tokens = int(data.tokens_per_epoch * epochs)
     supervised = int(data.supervised_per_epoch * epochs)

@@ -136,3 +136,15 @@ def test_toml_and_json_spellings_of_a_recipe_mean_the_same(path: Path, tmp_path:
     as_json = tmp_path / f"{path.stem}.json"
     as_json.write_text(json.dumps(tomllib.loads(path.read_text(encoding="utf-8")), indent=2))
     assert load_recipe(as_json).recipe == load_recipe(path).recipe
+
+
+def test_run_refuses_by_name_what_the_runtime_does_not_train_yet(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    assert run_cli("compile", "specs/examples/tweet-rlhf.toml", "--out", str(build)).returncode == 0
+    result = run_cli("run", str(build))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot execute it yet" in result.stderr
+    for feature in ('stage "reward" is reward', 'stage "ppo" is ppo', "uses a lora adapter",
+                    "GPT-2 model initialised from scratch"):
+        assert feature in result.stderr
+    assert not (build / "model").exists() and not (build / "metrics.jsonl").exists()

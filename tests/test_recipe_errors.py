@@ -11,7 +11,7 @@ import pytest
 from compiler.diagnostics import RecipeError
 from compiler.loader import load_recipe
 from compiler.validate import validate
-from tests.conftest import base_recipe, run_cli, write_json_recipe
+from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 BAD_TOML = textwrap.dedent(
     """\
@@ -194,12 +194,13 @@ def test_validate_imports_no_heavy_library() -> None:
     import subprocess
     import sys
 
+    examples = sorted(str(p.relative_to(REPO)) for p in (REPO / "specs" / "examples").glob("*.toml"))
     code = (
         "import sys; from compiler.cli import main; "
-        "rc = main(['validate', 'specs/examples/tweet-sentiment.toml']); "
-        "heavy = sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules); "
+        f"rc = main(['validate', *{examples!r}]); "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'tokenizers', 'peft') if m in sys.modules); "
         "print(rc, heavy)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert len(examples) >= 5
     assert out.stdout.strip().splitlines()[-1] == "0 []", out.stderr
