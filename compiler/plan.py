@@ -155,6 +155,12 @@ def _derived(loaded: LoadedRecipe, config: RuntimeConfig, prepared: dict[str, Pr
     else:
         out.append({"key": "model.n_positions", "value": config.model.n_positions,
                     "reason": "the checkpoint's context length (max_position_embeddings)"})
+    for stage, spec in zip(recipe.stages, config.stages):
+        ratio = stage.warmup_ratio if stage.warmup_ratio is not None else (
+            recipe.train.warmup_ratio if stage.warmup_steps is None else None)
+        if ratio is not None:
+            out.append({"key": f"stages.{stage.name}.warmup_steps", "value": spec.warmup_steps,
+                        "reason": f"warmup_ratio = {ratio} of the stage's planned steps, rounded up"})
     if config.eval is not None:
         out.append({
             "key": "eval.max_new_tokens",
