@@ -75,7 +75,7 @@ def conversation(fields: dict[str, Any], fmt: str, system: str | None) -> list[d
     if fmt == "openai-chat":
         messages = _messages(fields["messages"], "role", "content", None)
     elif fmt == "chatglm-chat":
-        messages = _messages(fields["conversations"], "role", "content", None)
+        messages = _messages(fields["conversations"], "role", "content", {"observation": "tool"})
     elif fmt == "sharegpt":
         messages = _messages(fields["conversations"], "from", "value", _SHAREGPT_ROLES)
     elif fmt == "instruction":
@@ -112,7 +112,10 @@ def _messages(value: Any, role_key: str, content_key: str, roles: dict[str, str]
         content = message[content_key]
         if not isinstance(content, str):
             raise ConversationError(f"message {i} content is {type(content).__name__}, not a string")
-        out.append({"role": role, "content": content})
+        entry = {"role": role, "content": content}
+        if isinstance(message.get("name"), str):
+            entry["name"] = message["name"]
+        out.append(entry)
     if not any(m["role"] == "assistant" for m in out):
         raise ConversationError("the conversation has no assistant message to learn from")
     return out

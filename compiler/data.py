@@ -1,4 +1,9 @@
-"""Read a recipe's data into rows, clean and derive columns, and split it reproducibly."""
+"""Read a recipe's data into rows, clean and derive fields, check them, and split reproducibly.
+
+Reading never stops at the first bad row: every problem is collected with its file, line and a
+category (the categories of `compiler.datacheck`), and the data set's `bad_rows` policy decides
+whether the compile fails or the rows are left out and reported.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,13 @@ import html
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compiler.datacheck import RowProblem, check_record
 from compiler.diagnostics import Diagnostic, RecipeError
-from compiler.recipe import FORMAT_FIELDS, Dataset, DeriveBins
+from compiler.recipe import Dataset, DeriveBins
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,7 @@ class Row:
 
     line: int
     fields: dict[str, Any]
+    file: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,60 +40,104 @@ class Split:
 
     def heldout_lines_sha256(self) -> str:
         """Fingerprint of which rows were held out, so a reviewer sees when the split changes."""
-        lines = ",".join(str(r.line) for r in sorted(self.heldout, key=lambda r: r.line))
+        keys = sorted((r.file, r.line) for r in self.heldout)
+        lines = ",".join(f"{f}:{n}" if f else str(n) for f, n in keys)
         return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def read_rows(paths: list[Path], ds: Dataset, fmt: str, display: str) -> list[Row]:
-    """Parse the files (`fmt`: tsv, csv, json or jsonl), rename fields, then apply
-    `html_unescape` and `derive`. Every problem is reported with its row's line."""
-    rows: list[Row] = []
+@dataclass
+class DataReport:
+    """What reading found: the good rows, and every problem by row."""
+
+    rows: list[Row] = field(default_factory=list)
+    problems: list[RowProblem] = field(default_factory=list)
+    n_records: int = 0
+
+    def errors(self) -> list[RowProblem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    def counts(self, severity: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.problems:
+            if p.severity == severity:
+                out[p.category] = out.get(p.category, 0) + 1
+        return dict(sorted(out.items()))
+
+
+def read_dataset(paths: list[Path], ds: Dataset, fmt: str, display: str) -> DataReport:
+    """Parse the files (`fmt`: tsv, csv, json or jsonl), rename fields, check each record against
+    the data set's format, then apply `html_unescape` and `derive` to the good ones."""
+    report = DataReport()
     for path in paths:
         shown = display if len(paths) == 1 else f"{display}/{path.name}"
         text = _read_text(path, shown)
         if fmt in ("tsv", "csv"):
-            rows += _read_delimited(text, "\t" if fmt == "tsv" else ",", ds.columns, shown)
+            records = _read_delimited(text, "\t" if fmt == "tsv" else ",", ds.columns, shown, report)
         elif fmt == "json":
-            rows += _read_json_array(text, shown)
+            records = _read_json_array(text, shown)
         else:
-            rows += _read_jsonl(text, shown)
+            records = _read_jsonl(text, shown, report)
+        if len(paths) > 1:
+            records = [Row(r.line, r.fields, path.name) for r in records]
+        report.rows += records
     if ds.max_rows is not None:
-        rows = rows[: ds.max_rows]
-    errors: list[Diagnostic] = []
-    out = []
-    required = FORMAT_FIELDS[ds.format]
-    for row in rows:
-        fields = dict(row.fields)
-        for target, source in ds.fields.items():
-            if source in fields:
-                fields[target] = fields.pop(source)
-            elif "." in source:
-                found = _walk(row.fields, source)
-                if found is not _MISSING:
-                    fields[target] = found
-        missing = [f for f in required if f not in fields and not (f == "input" and ds.format == "instruction")]
-        if missing:
-            errors.append(Diagnostic("error", f"row has no {', '.join(repr(m) for m in missing)} ({ds.format} format)",
-                                     file=display, line=row.line,
-                                     help="map the file's keys with fields = { name = \"file_key\" }"))
-            continue
+        report.rows = report.rows[: ds.max_rows]
+    report.n_records = len(report.rows) + sum(1 for p in report.problems if p.severity == "error")
+    good = []
+    for row in report.rows:
+        fields = _renamed(row.fields, ds.fields)
+        problems = check_record(fields, ds.format, row.file or display, row.line)
         for name in ds.html_unescape:
             if isinstance(fields.get(name), str):
                 fields[name] = html.unescape(fields[name])
         for derive in ds.derive:
             value, problem = _bin(derive, fields.get(derive.source))
             if problem:
-                errors.append(Diagnostic("error", problem, file=display, line=row.line, key=derive.source))
+                problems.append(RowProblem(row.file or display, row.line, "not_a_number", problem))
             fields[derive.name] = value
         if ds.format == "instruction":
             fields.setdefault("input", "")
-        out.append(Row(row.line, fields))
-    if errors:
-        raise RecipeError(_cap(errors))
+        report.problems += problems
+        if not any(p.severity == "error" for p in problems):
+            good.append(Row(row.line, fields, row.file))
+    report.rows = good
+    return report
+
+
+def read_rows(paths: list[Path], ds: Dataset, fmt: str, display: str) -> list[Row]:
+    """The rows of a data set, failing (with every bad row listed) when any row is bad."""
+    report = read_dataset(paths, ds, fmt, display)
+    if report.errors():
+        raise RecipeError(problem_diagnostics(report.errors()))
+    return report.rows
+
+
+def problem_diagnostics(problems: list[RowProblem], limit: int = 20) -> list[Diagnostic]:
+    """The first `limit` problems as diagnostics, then one line counting the rest by category."""
+    out = [p.diagnostic() for p in problems[:limit]]
+    rest = problems[limit:]
+    if rest:
+        counts: dict[str, int] = {}
+        for p in rest:
+            counts[p.category] = counts.get(p.category, 0) + 1
+        summary = ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
+        out.append(Diagnostic("error", f"... and {len(rest)} more problems ({summary})"))
     return out
 
 
 _MISSING = object()
+
+
+def _renamed(record: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    fields = dict(record)
+    for target, source in renames.items():
+        if source in fields:
+            fields[target] = fields.pop(source)
+        elif "." in source:
+            found = _walk(record, source)
+            if found is not _MISSING:
+                fields[target] = found
+    return fields
 
 
 def _walk(record: dict[str, Any], dotted: str) -> Any:
@@ -105,7 +156,7 @@ def _walk(record: dict[str, Any], dotted: str) -> Any:
 def _read_text(path: Path, display: str) -> str:
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise RecipeError.single(
@@ -114,6 +165,59 @@ def _read_text(path: Path, display: str) -> str:
             line=line,
             help="re-encode the file as UTF-8",
         ) from None
+
+
+def _read_delimited(text: str, delimiter: str, columns: list[str] | None, display: str,
+                    report: DataReport) -> list[Row]:
+    # Source files arrive with CRLF line ends; csv handles them when given newline="" semantics.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE)
+    # QUOTE_NONE: one record per physical line, so reader.line_num is that record's line.
+    records, line_numbers = [], []
+    for record in reader:
+        records.append(record)
+        line_numbers.append(reader.line_num)
+    start = 0
+    if columns is None:
+        if not records:
+            raise RecipeError.single(f"{display} is empty", file=display)
+        columns, start = records[0], 1
+    rows = []
+    for index in range(start, len(records)):
+        record, line = records[index], line_numbers[index]
+        if not record or record == [""]:
+            continue
+        if len(record) != len(columns):
+            report.problems.append(RowProblem(
+                display, line, "wrong_field_count",
+                f"row has {len(record)} fields, expected {len(columns)} ({', '.join(columns)})",
+                help="check for stray delimiters in this row, or fix data.columns",
+            ))
+            continue
+        rows.append(Row(line, dict(zip(columns, record))))
+    return rows
+
+
+def _read_jsonl(text: str, display: str, report: DataReport) -> list[Row]:
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            report.problems.append(RowProblem(display, line_number, "invalid_json", f"invalid JSON: {exc.msg}",
+                                              column=exc.colno))
+            continue
+        if not isinstance(value, dict):
+            report.problems.append(RowProblem(display, line_number, "data_type",
+                                              f"each line must be a JSON object, found {_kind(value)}"))
+            continue
+        rows.append(Row(line_number, value))
+    return rows
+
+
+def _kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(value), "a number")
 
 
 def _read_json_array(text: str, display: str) -> list[Row]:
@@ -147,72 +251,6 @@ def _read_json_array(text: str, display: str) -> list[Row]:
         elif ch in "]}":
             depth -= 1
     return [Row(n, v) for n, v in zip(lines, value)]
-
-
-def _cap(errors: list[Diagnostic], limit: int = 20) -> list[Diagnostic]:
-    if len(errors) <= limit:
-        return errors
-    more = Diagnostic("error", f"... and {len(errors) - limit} more rows with the same kind of problem")
-    return errors[:limit] + [more]
-
-
-def _read_delimited(text: str, delimiter: str, columns: list[str] | None, display: str) -> list[Row]:
-    # Source files arrive with CRLF line ends; csv handles them when given newline="" semantics.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE)
-    # QUOTE_NONE: one record per physical line, so reader.line_num is that record's line.
-    records, line_numbers = [], []
-    for record in reader:
-        records.append(record)
-        line_numbers.append(reader.line_num)
-    start = 0
-    if columns is None:
-        if not records:
-            raise RecipeError.single(f"{display} is empty", file=display)
-        columns, start = records[0], 1
-    rows, errors = [], []
-    for index in range(start, len(records)):
-        record, line = records[index], line_numbers[index]
-        if not record or record == [""]:
-            continue
-        if len(record) != len(columns):
-            errors.append(
-                Diagnostic(
-                    "error",
-                    f"row has {len(record)} fields, expected {len(columns)} ({', '.join(columns)})",
-                    file=display,
-                    line=line,
-                    help="check for stray delimiters in this row, or fix data.columns",
-                )
-            )
-            continue
-        rows.append(Row(line, dict(zip(columns, record))))
-    if errors:
-        raise RecipeError(_cap(errors))
-    return rows
-
-
-def _read_jsonl(text: str, display: str) -> list[Row]:
-    rows, errors = [], []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(
-                Diagnostic("error", f"invalid JSON: {exc.msg}", file=display, line=line_number, column=exc.colno)
-            )
-            continue
-        if not isinstance(value, dict):
-            errors.append(
-                Diagnostic("error", f"each line must be a JSON object, found {type(value).__name__}",
-                           file=display, line=line_number)
-            )
-            continue
-        rows.append(Row(line_number, value))
-    if errors:
-        raise RecipeError(_cap(errors))
-    return rows
 
 
 def _bin(derive: DeriveBins, value: Any) -> tuple[str | None, str | None]:

@@ -123,6 +123,7 @@ def _data_entry(p: PreparedData) -> dict[str, Any]:
             "heldout_lines_sha256": p.split.heldout_lines_sha256(),
         },
         "tokens": p.budget,
+        "checks": p.checks,
         "template": p.template.chat_name or "prompt/completion",
         "loss": p.template.loss,
     }

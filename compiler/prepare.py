@@ -28,7 +28,7 @@ from compiler.budget import (
 from compiler.chat import ChatTemplate, ConversationError, chat_template, conversation, segments
 from compiler.checks import resolve_data_path
 from compiler.checks_data import file_format
-from compiler.data import Row, Split, read_rows, split_rows
+from compiler.data import DataReport, Row, Split, problem_diagnostics, read_dataset, split_rows
 from compiler.diagnostics import Diagnostic, RecipeError
 from compiler.loader import LoadedRecipe, display_path
 from compiler.recipe import Dataset, TemplateSection, dataset_template
@@ -54,6 +54,7 @@ class PreparedData:
     supervised_per_epoch: int
     max_completion_tokens: int
     label_counts: dict[str, dict[str, int]] | None
+    checks: dict[str, Any]  # problems found by category, and rows left out
     warnings: tuple[Diagnostic, ...] = ()
 
     @property
@@ -139,19 +140,58 @@ def prepare_dataset(
             help='set file_format = "tsv", "csv", "json" or "jsonl"',
             **loaded.where(("data", name)),
         )
-    rows = read_rows(paths, ds, fmt, label)
+    report = read_dataset(paths, ds, fmt, label)
+    rows, check_warnings, checks = _apply_bad_rows_policy(loaded, name, report)
     if not rows:
         raise RecipeError.single(f"{label} has no rows", **loaded.where(("data", name, "source")))
     split = split_rows(rows, ds.split.heldout_fraction, ds.split.seed)
     spec, chat = template_spec(loaded, name, encoder)
     labels = _label_counts(split, label_field) if label_field else None
     common = dict(name=name, format=ds.format, source_label=label, files=tuple(paths), split=split, template=spec,
-                  label_counts=labels)
+                  label_counts=labels, checks=checks)
     if encoder is None:
-        return _unmeasured(loaded, common, split, label_field)
-    if chat is not None:
-        return _prepare_chat(loaded, common, split, encoder, chat, spec, n_positions_cap, label_field)
-    return _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions_cap, label_field)
+        prepared = _unmeasured(loaded, common, split, label_field)
+    elif chat is not None:
+        prepared = _prepare_chat(loaded, common, split, encoder, chat, spec, n_positions_cap, label_field)
+    else:
+        prepared = _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions_cap, label_field)
+    return dataclasses.replace(prepared, warnings=tuple(check_warnings) + prepared.warnings)
+
+
+def _apply_bad_rows_policy(loaded: LoadedRecipe, name: str, report: DataReport
+                           ) -> tuple[list[Row], list[Diagnostic], dict[str, Any]]:
+    """Fail on bad rows, or (policy = "skip") leave them out within the allowed share; warnings
+    are summarised one line per category."""
+    ds = loaded.recipe.data[name]
+    errors = report.errors()
+    bad_rows = sorted({(p.file, p.line) for p in errors})
+    checks = {"errors": report.counts("error"), "warnings": report.counts("warning"), "skipped_rows": 0}
+    at = loaded.where(("data", name, "bad_rows")) if "bad_rows" in ds.model_fields_set else loaded.where(("data", name))
+    if errors and ds.bad_rows.policy == "fail":
+        summary = ", ".join(f"{n} {c}" for c, n in checks["errors"].items())
+        raise RecipeError(problem_diagnostics(errors) + [Diagnostic(
+            "error", f"data set \"{name}\": {len(bad_rows)} of {report.n_records} rows fail the checks ({summary})",
+            help=f'fix the rows, or set [data.{name}.bad_rows] policy = "skip" (with max_fraction) to leave them out',
+            **at)])
+    if errors:
+        share = len(bad_rows) / max(1, report.n_records)
+        if share > ds.bad_rows.max_fraction:
+            raise RecipeError(problem_diagnostics(errors) + [Diagnostic(
+                "error", f"data set \"{name}\": {len(bad_rows)} of {report.n_records} rows ({share:.1%}) fail the "
+                f"checks, more than bad_rows.max_fraction = {ds.bad_rows.max_fraction}", **at)])
+        checks["skipped_rows"] = len(bad_rows)
+    warnings = []
+    if errors:
+        summary = ", ".join(f"{n} {c}" for c, n in checks["errors"].items())
+        lines = ", ".join(str(line) for _, line in bad_rows[:10]) + (" ..." if len(bad_rows) > 10 else "")
+        warnings.append(Diagnostic("warning", f"data set \"{name}\": left out {len(bad_rows)} bad rows ({summary}; "
+                                   f"lines {lines})", **at))
+    for category, count in checks["warnings"].items():
+        lines = [p.line for p in report.problems if p.category == category][:10]
+        warnings.append(Diagnostic("warning", f"data set \"{name}\": {count} rows: {category} (lines "
+                                   f"{', '.join(map(str, lines))}{' ...' if count > 10 else ''})",
+                                   **loaded.where(("data", name))))
+    return report.rows, warnings, checks
 
 
 def _label_counts(split: Split, field: str) -> dict[str, dict[str, int]] | None:

@@ -98,7 +98,7 @@ def test_fields_are_renamed_and_missing_fields_reported_by_row(tmp_path: Path) -
     with pytest.raises(RecipeError) as caught:
         read_rows([path], ds, "jsonl", "d.jsonl")
     (diag,) = caught.value.diagnostics
-    assert diag.line == 2 and "'completion'" in diag.message
+    assert diag.line == 2 and 'no "completion"' in diag.message and "[missing_field]" in diag.message
     path.write_text('{"q": "hi", "a": "yo"}\n')
     (row,) = read_rows([path], ds, "jsonl", "d.jsonl")
     assert row.fields == {"user_input": "hi", "completion": "yo"}
