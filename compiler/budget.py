@@ -28,18 +28,22 @@ class LengthStats:
     max: int
     mean: float
     p50: int
+    p90: int
     p95: int
     p99: int
 
     @classmethod
     def of(cls, lengths: Sequence[int]) -> LengthStats:
         ordered = sorted(lengths)
+        if not ordered:
+            return cls(count=0, min=0, max=0, mean=0.0, p50=0, p90=0, p95=0, p99=0)
         return cls(
             count=len(ordered),
             min=ordered[0],
             max=ordered[-1],
             mean=round(sum(ordered) / len(ordered), 2),
             p50=nearest_rank(ordered, 0.50),
+            p90=nearest_rank(ordered, 0.90),
             p95=nearest_rank(ordered, 0.95),
             p99=nearest_rank(ordered, 0.99),
         )
@@ -48,6 +52,19 @@ class LengthStats:
 def nearest_rank(ordered: Sequence[int], q: float) -> int:
     """The smallest value with at least a fraction `q` of the data at or below it."""
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def histogram(lengths: Sequence[int]) -> list[dict[str, int]]:
+    """Counts in doubling bins [0, 8), [8, 16), [16, 32), ... up to the longest length."""
+    if not lengths:
+        return []
+    edges = [8]
+    while edges[-1] <= max(lengths):
+        edges.append(edges[-1] * 2)
+    counts = [0] * len(edges)
+    for n in lengths:
+        counts[next(i for i, edge in enumerate(edges) if n < edge)] += 1
+    return [{"below": edge, "count": c} for edge, c in zip(edges, counts)]
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,8 @@ class Example:
     completion_ids: tuple[int, ...]
     fields: dict[str, Any]
     tokens_removed: int = 0
+    label_tokens_removed: int = 0
+    removed_by_field: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,10 +89,17 @@ class TokenBudget:
     prompt: LengthStats  # before truncation
     completion: LengthStats
     total: LengthStats
+    fields: dict[str, LengthStats]  # each prompt field's own length, before truncation
+    histogram: list[dict[str, int]]  # of totals before truncation
+    total_after: LengthStats  # of the examples kept, after truncation
     fixed_tokens_max: int  # longest rendering with every truncatable field emptied
     n_truncated: int
     tokens_removed: int
+    removed_by_field: dict[str, int]
     truncated_fields: tuple[str, ...]
+    n_label_truncated: int
+    n_dropped: int
+    overflow_lines: tuple[int, ...]
     max_completion_tokens: int
 
 
@@ -82,12 +108,16 @@ class _Measured:
     row: Row
     prompt_ids: list[int]
     completion_ids: list[int]
-    fixed_tokens: int = 0
+    fixed_prompt_tokens: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def fixed_tokens(self) -> int:
+        return self.fixed_prompt_tokens + len(self.completion_ids)
 
 
 class BudgetError(Exception):
@@ -103,9 +133,11 @@ class BudgetRequest:
     max_total_tokens: int | None  # None: choose from the data
     coverage: float
     round_to: int
-    n_positions_cap: int | None  # a fixed model context length, if the recipe sets one
-    truncatable: tuple[str, ...]
+    n_positions_cap: int | None  # the model's context length, when fixed
+    truncatable: tuple[str, ...]  # prompt fields that may be cut, in the order they are cut
     eos_ids: tuple[int, ...]  # appended to every completion (empty when add_eos is off)
+    overflow: str = "fail"  # rows that cannot fit without losing supervised tokens: fail, drop or truncate
+    overflow_allowed: int = 0  # how many such rows the recipe accepts
 
 
 class TemplateRowError(Exception):
@@ -114,11 +146,11 @@ class TemplateRowError(Exception):
         self.line = line
 
 
-def render_rows(rows: Sequence[Row], prompt: Template, completion: Template) -> list[tuple[str, str]]:
+def render_rows(rows: Sequence[Row], template: Template) -> list[str]:
     out = []
     for row in rows:
         try:
-            out.append((prompt.render(row.fields), completion.render(row.fields)))
+            out.append(template.render(row.fields))
         except TemplateError as exc:
             raise TemplateRowError(row.line, str(exc)) from None
     return out
@@ -130,59 +162,89 @@ def plan_budget(
     completion: Template,
     encoder: Encoder,
     request: BudgetRequest,
-) -> tuple[TokenBudget, list[Example]]:
-    """Measure every row, choose the total budget, and truncate rows that exceed it."""
+) -> tuple[TokenBudget, list[Example | None]]:
+    """Measure every row, choose the total budget, and fit rows that exceed it.
+
+    Returns one entry per row, in order; None for a row the overflow policy dropped."""
     measured = _measure(rows, prompt, completion, encoder, request)
     fixed_max = max(m.fixed_tokens for m in measured)
     totals = sorted(m.total for m in measured)
+    budget, reason = _choose(totals, fixed_max, request)
 
-    if request.max_total_tokens is not None:
-        budget = request.max_total_tokens
-        reason = f"set in the recipe (budget.max_total_tokens = {budget})"
-        too_long = [m.row.line for m in measured if m.fixed_tokens > budget]
-        if too_long:
-            raise BudgetError(
-                f"{len(too_long)} rows need more than {budget} tokens even with "
-                f"{', '.join(request.truncatable) or 'no field'} emptied (longest: {fixed_max})",
-                too_long,
-            )
-    else:
-        at_coverage = nearest_rank(totals, request.coverage)
-        budget = _round_up(at_coverage, request.round_to)
-        reason = (
-            f"{request.coverage:.0%} of templated examples are at most {at_coverage} tokens; "
-            f"rounded up to a multiple of {request.round_to}"
+    overflow = [m for m in measured if m.fixed_tokens > budget]
+    if overflow and (request.overflow == "fail" or len(overflow) > request.overflow_allowed):
+        lines = [m.row.line for m in overflow]
+        fields = ", ".join(request.truncatable) or "no field"
+        allowed = "" if request.overflow == "fail" else f" (tokens.overflow_allowed = {request.overflow_allowed})"
+        raise BudgetError(
+            f"{len(overflow)} rows would lose supervised tokens: they need more than {budget} tokens even with "
+            f"{fields} emptied (longest: {fixed_max}){allowed}",
+            lines,
         )
-        if fixed_max > budget:
-            budget = _round_up(fixed_max, request.round_to)
-            reason += (
-                f"; raised to {budget} so the longest fixed part ({fixed_max} tokens) "
-                "fits without cutting the completion"
-            )
-    if request.n_positions_cap is not None and budget > request.n_positions_cap:
-        if request.max_total_tokens is not None or fixed_max > request.n_positions_cap:
-            raise BudgetError(
-                f"the budget of {budget} tokens exceeds model.n_positions = {request.n_positions_cap}",
-                [],
-            )
-        budget = request.n_positions_cap
-        reason += f"; capped at model.n_positions = {budget}"
-
-    examples = [_fit(m, budget, prompt, encoder, request) for m in measured]
-    removed = [e.tokens_removed for e in examples]
+    examples: list[Example | None] = []
+    for m in measured:
+        if m.fixed_tokens > budget and request.overflow == "drop":
+            examples.append(None)
+        else:
+            examples.append(_fit(m, budget, prompt, encoder, request))
+    kept = [e for e in examples if e is not None]
+    removed_by_field = {f: 0 for f in request.truncatable}
+    for e in kept:
+        for f, n in e.removed_by_field.items():
+            removed_by_field[f] += n
     summary = TokenBudget(
         max_total_tokens=budget,
         reason=reason,
         prompt=LengthStats.of([len(m.prompt_ids) for m in measured]),
         completion=LengthStats.of([len(m.completion_ids) for m in measured]),
         total=LengthStats.of(totals),
+        fields=_field_lengths(rows, prompt, encoder),
+        histogram=histogram(totals),
+        total_after=LengthStats.of([len(e.prompt_ids) + len(e.completion_ids) for e in kept]),
         fixed_tokens_max=fixed_max,
-        n_truncated=sum(1 for r in removed if r),
-        tokens_removed=sum(removed),
+        n_truncated=sum(1 for e in kept if e.tokens_removed),
+        tokens_removed=sum(e.tokens_removed for e in kept),
+        removed_by_field=removed_by_field,
         truncated_fields=request.truncatable,
+        n_label_truncated=sum(1 for e in kept if e.label_tokens_removed),
+        n_dropped=len(examples) - len(kept),
+        overflow_lines=tuple(m.row.line for m in overflow),
         max_completion_tokens=max(len(m.completion_ids) for m in measured),
     )
     return summary, examples
+
+
+def _choose(totals: list[int], fixed_max: int, request: BudgetRequest) -> tuple[int, str]:
+    """The budget and why: as set, or the covering length rounded up, never over the model's limit."""
+    if request.max_total_tokens is not None:
+        budget = request.max_total_tokens
+        reason = f"set in the recipe (tokens.max_total = {budget})"
+    else:
+        at_coverage = nearest_rank(totals, request.coverage)
+        budget = _round_up(at_coverage, request.round_to)
+        which = "the longest templated example is" if request.coverage == 1.0 else (
+            f"{request.coverage:.0%} of templated examples are at most")
+        reason = f"{which} {at_coverage} tokens; rounded up to a multiple of {request.round_to}"
+        if fixed_max > budget:
+            budget = _round_up(fixed_max, request.round_to)
+            reason += (f"; raised to {budget} so the longest fixed part ({fixed_max} tokens) "
+                       "fits without cutting the completion")
+    cap = request.n_positions_cap
+    if cap is not None and budget > cap:
+        if request.max_total_tokens is not None:
+            raise BudgetError(f"tokens.max_total = {budget} exceeds the model's context length {cap}", [])
+        budget = cap
+        reason += f"; capped at the model's context length {cap}"
+    return budget, reason
+
+
+def _field_lengths(rows: Sequence[Row], prompt: Template, encoder: Encoder) -> dict[str, LengthStats]:
+    out = {}
+    for name in sorted(prompt.variables):
+        values = [str(r.fields[name]) for r in rows if name in r.fields]
+        if values:
+            out[name] = LengthStats.of([len(ids) for ids in encoder.encode_batch(values)])
+    return out
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -192,32 +254,38 @@ def _round_up(value: int, multiple: int) -> int:
 def _measure(
     rows: Sequence[Row], prompt: Template, completion: Template, encoder: Encoder, request: BudgetRequest
 ) -> list[_Measured]:
-    rendered = render_rows(rows, prompt, completion)
-    prompt_ids = encoder.encode_batch([p for p, _ in rendered])
-    completion_ids = encoder.encode_batch([c for _, c in rendered])
+    prompt_ids = encoder.encode_batch(render_rows(rows, prompt))
+    completion_ids = encoder.encode_batch(render_rows(rows, completion))
     # The fixed part: the prompt with every truncatable field emptied.
-    emptied = [dict(r.fields, **{f: "" for f in request.truncatable}) for r in rows]
-    fixed_prompts = encoder.encode_batch([prompt.render(f) for f in emptied])
+    if request.truncatable:
+        emptied = [Row(r.line, dict(r.fields, **{f: "" for f in request.truncatable})) for r in rows]
+        fixed_prompts = [len(ids) for ids in encoder.encode_batch(render_rows(emptied, prompt))]
+    else:
+        fixed_prompts = [len(p) for p in prompt_ids]
     out = []
     for row, p, c, fixed in zip(rows, prompt_ids, completion_ids, fixed_prompts):
         c = c + list(request.eos_ids)
-        out.append(_Measured(row, p, c, fixed_tokens=len(fixed) + len(c), fields=dict(row.fields)))
+        out.append(_Measured(row, p, c, fixed_prompt_tokens=fixed, fields=dict(row.fields)))
     return out
 
 
 def _fit(m: _Measured, budget: int, prompt: Template, encoder: Encoder, request: BudgetRequest) -> Example:
-    """Cut truncatable fields (longest first, from the end) until the example fits the budget.
+    """Cut truncatable fields, in the declared order, from their end, until the example fits.
 
     The field's text is cut at a token boundary and the whole prompt re-tokenized, so the result
-    is exactly what tokenizing the shortened text at inference time gives.
+    is exactly what tokenizing the shortened text at inference time gives. Only with
+    tokens.overflow = "truncate" does a row that still does not fit lose completion tokens.
     """
     if m.total <= budget:
         return Example(m.row.line, tuple(m.prompt_ids), tuple(m.completion_ids), m.fields)
     fields = dict(m.fields)
     prompt_ids = m.prompt_ids
-    room = budget - len(m.completion_ids)
-    order = sorted(request.truncatable, key=lambda f: -len(str(fields.get(f, ""))))
-    for name in order:
+    completion_ids = m.completion_ids
+    room = max(0, budget - len(completion_ids))
+    removed: dict[str, int] = {}
+    for name in request.truncatable:
+        if len(prompt_ids) <= room:
+            break
         value_ids = encoder.encode_batch([str(fields[name])])[0]
         keep = max(0, len(value_ids) - (len(prompt_ids) - room))
         while True:
@@ -226,7 +294,12 @@ def _fit(m: _Measured, budget: int, prompt: Template, encoder: Encoder, request:
             if len(prompt_ids) <= room or keep == 0:
                 break
             keep -= 1
-        if len(prompt_ids) <= room:
-            break
-    removed = m.total - len(prompt_ids) - len(m.completion_ids)
-    return Example(m.row.line, tuple(prompt_ids), tuple(m.completion_ids), fields, tokens_removed=removed)
+        removed[name] = len(value_ids) - keep
+    label_removed = 0
+    if len(prompt_ids) + len(completion_ids) > budget:  # only reachable with overflow = "truncate"
+        keep = max(0, budget - len(prompt_ids))
+        label_removed = len(completion_ids) - keep
+        completion_ids = completion_ids[:keep]
+    removed_total = m.total - len(prompt_ids) - len(completion_ids) - label_removed
+    return Example(m.row.line, tuple(prompt_ids), tuple(completion_ids), fields, tokens_removed=removed_total,
+                   label_tokens_removed=label_removed, removed_by_field=removed)

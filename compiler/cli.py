@@ -18,6 +18,9 @@ from pathlib import Path
 from compiler.diagnostics import RecipeError, render_all
 
 EXIT_OK, EXIT_USER, EXIT_BUG = 0, 1, 2
+# The record shapes of compiler.spec.data (repeated here so the parser needs no pydantic import).
+FORMAT_NAMES = ("columns", "instruction", "completion", "scored", "preference", "prompt", "openai-chat",
+                "chatglm-chat", "sharegpt")
 
 
 def _overrides(args: argparse.Namespace) -> list:
@@ -74,6 +77,41 @@ def _cmd_schema(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from compiler.assets import AssetError, fetch_all, load_catalog
+    from compiler.billing import cl100k_encoding
+    from compiler.data_report import check_file, render_text
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise RecipeError.single(f"{args.file} not found")
+    try:
+        ranks = fetch_all(["cl100k-base"], load_catalog())["cl100k-base"]
+    except AssetError as exc:
+        raise RecipeError.single(str(exc)) from None
+    encoding = cl100k_encoding(ranks)
+    report = check_file(
+        path, args.format, lambda text: encoding.encode(text, disallowed_special=()),
+        columns=args.columns.split(",") if args.columns else None, file_format=args.file_format,
+        token_limit=args.token_limit, usd_per_1k_tokens=args.usd_per_1k_tokens, epochs=args.epochs,
+    )
+    if args.json:
+        summary = {k: report[k] for k in ("n_examples", "errors", "warnings", "billing_tokens", "epochs", "cost_usd")}
+        print(json.dumps({**summary, "distributions": report["distributions"]}, sort_keys=True))
+    else:
+        sys.stdout.write(render_text(report, args.file))
+    return EXIT_USER if report["errors"] else EXIT_OK
+
+
+def _cmd_inspect_data(args: argparse.Namespace) -> int:
+    from compiler.build import compile_recipe
+    from compiler.inspect_data import render_rows
+
+    build = compile_recipe(Path(args.recipe), _overrides(args))
+    sys.stdout.write(render_rows(build, args.data, args.rows, args.split))
     return EXIT_OK
 
 
@@ -201,6 +239,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("build", metavar="BUILD_DIR")
     p.add_argument("--checkpoint", metavar="PATH", help="model directory (default: BUILD_DIR/model)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    c = data_sub.add_parser("check", help="format errors by category, token distributions and fine-tuning cost")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--format", required=True, choices=sorted(FORMAT_NAMES), help="record shape")
+    c.add_argument("--file-format", default="auto", choices=["auto", "tsv", "csv", "json", "jsonl"])
+    c.add_argument("--columns", help="comma-separated column names for a TSV/CSV without a header")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--usd-per-1k-tokens", type=float, default=0.008, help="price per 1,000 training tokens")
+    c.add_argument("--epochs", type=int, help="override the epochs heuristic")
+    c.add_argument("--token-limit", type=int, default=4096, help="tokens billed per example at most")
+    c.set_defaults(func=_cmd_data_check)
+
+    p = sub.add_parser("inspect", help="look inside a compiled recipe")
+    inspect_sub = p.add_subparsers(dest="inspect_command", required=True, metavar="SUBCOMMAND")
+    c = inspect_sub.add_parser("data", help="print each token of the first rows with its label id or -100")
+    c.add_argument("recipe", metavar="RECIPE")
+    c.add_argument("--rows", type=int, default=3)
+    c.add_argument("--data", metavar="NAME", help="data set (default: the first stage's)")
+    c.add_argument("--split", choices=["train", "heldout"], default="train")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    c.set_defaults(func=_cmd_inspect_data)
 
     p = sub.add_parser("fetch", help="download and cache pinned assets (default: all)")
     p.add_argument("names", nargs="*", metavar="ASSET")

@@ -55,8 +55,9 @@ def build_plan(
                 "max_steps": stage.max_steps,
                 "global_batch_size": stage.micro_batch_size * stage.grad_accum * world,
                 "steps": est.steps,
-                "tokens": est.tokens,
+                "train_tokens": est.tokens,
                 "tokens_measured": prepared[stage.data].measured,
+                "tokens": _stage_tokens(prepared[stage.data]),
                 "train_flops": est.flops,
                 "memory_gib": est.memory.as_gib(),
             }
@@ -107,6 +108,24 @@ def build_plan(
         },
         "warnings": [d.message for d in warnings],
         "summary": summary_line(stages, peak, config.hardware.device),
+    }
+
+
+_TOTAL_KEYS = ("min", "p50", "p90", "p95", "p99", "max")
+
+
+def _stage_tokens(p: PreparedData) -> dict[str, Any]:
+    """The token facts of the data a stage trains on (names read by other tools: keep them)."""
+    b = p.budget
+    total = b.get("before_truncation", {}).get("total") if b["measured"] else None
+    return {
+        "n_positions": p.max_total_tokens,
+        "train_examples": b["train_examples"],
+        "eval_examples": b["eval_examples"],
+        "truncated_examples": b["truncated_examples"],
+        "label_truncated_examples": b["label_truncated_examples"],
+        "dropped_examples": b["dropped_examples"],
+        "total": {k: total[k] for k in _TOTAL_KEYS} if total else None,
     }
 
 
@@ -177,7 +196,7 @@ def _derived(loaded: LoadedRecipe, config: RuntimeConfig, prepared: dict[str, Pr
 
 
 def summary_line(stages: Sequence[dict[str, Any]], peak_bytes: int, device: str) -> str:
-    tokens = sum(s["tokens"] for s in stages)
+    tokens = sum(s["train_tokens"] for s in stages)
     flops = sum(s["train_flops"] for s in stages)
     n = len(stages)
     bound = "" if all(s["tokens_measured"] for s in stages) else "at most "

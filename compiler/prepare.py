@@ -22,6 +22,7 @@ from compiler.budget import (
     Example,
     LengthStats,
     TemplateRowError,
+    histogram,
     nearest_rank,
     plan_budget,
 )
@@ -232,7 +233,8 @@ def _unmeasured(loaded: LoadedRecipe, common: dict, split: Split, label_field: s
         measured=False,
         max_total_tokens=budget,
         budget={"max_total_tokens": budget, "reason": f"set in the recipe (tokens.max_total = {budget})",
-                "measured": False},
+                "measured": False, "train_examples": len(split.train), "eval_examples": len(split.heldout),
+                "truncated_examples": 0, "label_truncated_examples": 0, "dropped_examples": 0},
         train_jsonl=_jsonl(records(split.train)),
         heldout_jsonl=_jsonl(records(split.heldout)),
         # Unmeasured: an upper bound, every example at the full budget, every token supervised.
@@ -258,9 +260,28 @@ def _variants(rows: tuple[Row, ...], fmt: str) -> list[tuple[Row, str | None]]:
     return out
 
 
+def _round_to(loaded: LoadedRecipe) -> int:
+    """Budget granularity: 8 on CPU, 64 on GPUs (tensor-core friendly shapes), unless set."""
+    round_to = loaded.recipe.tokens.round_to
+    if round_to != "auto":
+        return round_to
+    return 64 if loaded.recipe.hardware.device == "cuda" else 8
+
+
+def _budget_error(loaded: LoadedRecipe, common: dict, exc: BudgetError) -> RecipeError:
+    lines = ", ".join(str(n) for n in exc.lines[:20]) + (" ..." if len(exc.lines) > 20 else "")
+    return RecipeError.single(
+        str(exc) + (f" (rows at lines {lines} of {common['source_label']})" if exc.lines else ""),
+        help="raise tokens.max_total, shorten the template, mark more fields truncatable, or accept them "
+        'explicitly with tokens.overflow = "drop" (or "truncate") and tokens.overflow_allowed = N',
+        **loaded.where(("tokens",)),
+    )
+
+
 def _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions_cap, label_field) -> PreparedData:
     recipe = loaded.recipe
     name = common["name"]
+    tokens = recipe.tokens
     where = ("data", name, "template") if recipe.data[name].template else ("template",)
     eos_ids: tuple[int, ...] = ()
     if spec.add_eos:
@@ -269,12 +290,14 @@ def _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions
             raise RecipeError.single("template.add_eos needs an eos_token", **loaded.where(where + ("add_eos",)))
         eos_ids = (encoder.token_id(eos),)
     request = BudgetRequest(
-        max_total_tokens=None if recipe.tokens.max_total == "auto" else recipe.tokens.max_total,
-        coverage=recipe.tokens.coverage,
-        round_to=recipe.tokens.round_to,
+        max_total_tokens=None if tokens.max_total == "auto" else tokens.max_total,
+        coverage=tokens.coverage,
+        round_to=_round_to(loaded),
         n_positions_cap=n_positions_cap,
-        truncatable=tuple(recipe.tokens.truncatable),
+        truncatable=tuple(tokens.truncatable),
         eos_ids=eos_ids,
+        overflow=tokens.overflow,
+        overflow_allowed=tokens.overflow_allowed,
     )
     ordered = _variants(split.train, common["format"]) + _variants(split.heldout, common["format"])
     try:
@@ -291,59 +314,85 @@ def _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions
             Diagnostic("error", "while rendering this template", **loaded.where(where)),
         ]) from None
     except BudgetError as exc:
-        lines = ", ".join(str(n) for n in exc.lines[:10]) + (" ..." if len(exc.lines) > 10 else "")
-        raise RecipeError.single(
-            str(exc) + (f" (rows at lines {lines} of {common['source_label']})" if exc.lines else ""),
-            help="raise tokens.max_total, shorten the template, or mark more fields truncatable",
-            **loaded.where(("tokens",)),
-        ) from None
+        raise _budget_error(loaded, common, exc) from None
     n_train = len(_variants(split.train, common["format"]))
-    train, heldout = examples[:n_train], examples[n_train:]
     kinds = [k for _, k in ordered]
 
-    def records(chunk: list[Example], kinds: list[str | None]) -> list[dict[str, Any]]:
+    def records(chunk: list[Example | None], kinds: list[str | None]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
+        pending: dict[str, Any] | None = None
         for example, kind in zip(chunk, kinds):
-            record: dict[str, Any] = {"completion": list(example.completion_ids), "line": example.line,
-                                      "prompt": list(example.prompt_ids)}
-            if label_field and label_field in example.fields:
-                record["label"] = str(example.fields[label_field])
             if kind == "rejected":
-                out[-1]["rejected"] = record["completion"]
-                out[-1]["rejected_prompt"] = record["prompt"]
+                if pending is not None and example is not None:  # a pair is kept only whole
+                    pending["rejected"] = list(example.completion_ids)
+                    pending["rejected_prompt"] = list(example.prompt_ids)
+                    out.append(pending)
+                pending = None
                 continue
-            out.append(record)
+            record: dict[str, Any] | None = None
+            if example is not None:
+                record = {"completion": list(example.completion_ids), "line": example.line,
+                          "prompt": list(example.prompt_ids)}
+                if label_field and label_field in example.fields:
+                    record["label"] = str(example.fields[label_field])
+            if kind == "chosen":
+                pending = record
+            elif record is not None:
+                out.append(record)
         return out
 
-    info = {
-        "max_total_tokens": budget.max_total_tokens,
-        "reason": budget.reason,
-        "measured": True,
-        "before_truncation": {
-            "prompt": dataclasses.asdict(budget.prompt),
-            "completion": dataclasses.asdict(budget.completion),
-            "total": dataclasses.asdict(budget.total),
-        },
-        "fixed_tokens_max": budget.fixed_tokens_max,
-        "truncated_examples": budget.n_truncated,
-        "truncated_fraction": round(budget.n_truncated / budget.total.count, 4),
-        "tokens_removed": budget.tokens_removed,
-        "truncatable_fields": list(budget.truncated_fields),
-        "completion_truncated_examples": 0,
-        "dropped_examples": 0,
+    train_records = records(examples[:n_train], kinds[:n_train])
+    heldout_records = records(examples[n_train:], kinds[n_train:])
+    stats = {
+        "prompt": dataclasses.asdict(budget.prompt),
+        "completion": dataclasses.asdict(budget.completion),
+        "total": dataclasses.asdict(budget.total),
     }
-    train_only = [e for e, k in zip(train, kinds[:n_train]) if k != "rejected"]
+    info = _token_info(
+        budget.max_total_tokens, budget.reason, stats, {k: dataclasses.asdict(v) for k, v in budget.fields.items()},
+        budget.histogram, dataclasses.asdict(budget.total_after), len(train_records), len(heldout_records),
+        truncated=budget.n_truncated, tokens_removed=budget.tokens_removed, removed_by_field=budget.removed_by_field,
+        truncatable=list(budget.truncated_fields), label_truncated=budget.n_label_truncated,
+        dropped=budget.n_dropped, fixed_max=budget.fixed_tokens_max,
+    )
+    kept_train = [e for e, k in zip(examples[:n_train], kinds[:n_train]) if e is not None and k != "rejected"]
     return PreparedData(
         **common,
         measured=True,
         max_total_tokens=budget.max_total_tokens,
         budget=info,
-        train_jsonl=_jsonl(records(train, kinds[:n_train])),
-        heldout_jsonl=_jsonl(records(heldout, kinds[n_train:])),
-        tokens_per_epoch=sum(len(e.prompt_ids) + len(e.completion_ids) for e in train_only),
-        supervised_per_epoch=sum(len(e.completion_ids) for e in train_only),
+        train_jsonl=_jsonl(train_records),
+        heldout_jsonl=_jsonl(heldout_records),
+        tokens_per_epoch=sum(len(e.prompt_ids) + len(e.completion_ids) for e in kept_train),
+        supervised_per_epoch=sum(len(e.completion_ids) for e in kept_train),
         max_completion_tokens=budget.max_completion_tokens,
     )
+
+
+def _token_info(budget: int, reason: str, stats: dict, fields: dict, hist: list, after: dict, n_train: int,
+                n_heldout: int, *, truncated: int, tokens_removed: int, removed_by_field: dict[str, int],
+                truncatable: list[str], label_truncated: int, dropped: int, fixed_max: int | None) -> dict[str, Any]:
+    """The plan's token profile of one data set; key names are read by other tools, keep them."""
+    n = max(1, stats["total"]["count"])
+    return {
+        "max_total_tokens": budget,
+        "reason": reason,
+        "measured": True,
+        "before_truncation": stats,
+        "fields": fields,
+        "histogram": hist,
+        "after_truncation": {"total": after},
+        "fixed_tokens_max": fixed_max,
+        "train_examples": n_train,
+        "eval_examples": n_heldout,
+        "truncated_examples": truncated,
+        "truncated_fraction": round(truncated / n, 4),
+        "tokens_removed": tokens_removed,
+        "removed_by_field": removed_by_field,
+        "truncatable_fields": truncatable,
+        "label_truncated_examples": label_truncated,
+        "dropped_examples": dropped,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,51 +443,53 @@ def _encode_chat(loaded, common, rows: tuple[Row, ...], encoder: Encoder, chat: 
 
 def _prepare_chat(loaded, common, split, encoder, chat, spec, n_positions_cap, label_field) -> PreparedData:
     recipe = loaded.recipe
+    tokens = recipe.tokens
     train = _encode_chat(loaded, common, split.train, encoder, chat, spec)
     heldout = _encode_chat(loaded, common, split.heldout, encoder, chat, spec)
-    totals = sorted(len(e.input_ids) for e in train + heldout)
-    tokens = recipe.tokens
+    everything = train + heldout
+    totals = sorted(len(e.input_ids) for e in everything)
+    round_to = _round_to(loaded)
     if tokens.max_total == "auto":
         at = nearest_rank(totals, tokens.coverage)
-        budget = -(-at // tokens.round_to) * tokens.round_to
-        reason = (f"{tokens.coverage:.0%} of rendered conversations are at most {at} tokens; "
-                  f"rounded up to a multiple of {tokens.round_to}")
+        budget = -(-at // round_to) * round_to
+        which = "the longest rendered conversation is" if tokens.coverage == 1.0 else (
+            f"{tokens.coverage:.0%} of rendered conversations are at most")
+        reason = f"{which} {at} tokens; rounded up to a multiple of {round_to}"
         if n_positions_cap is not None and budget > n_positions_cap:
             budget, reason = n_positions_cap, reason + f"; capped at the model's context length {n_positions_cap}"
     else:
         budget, reason = tokens.max_total, f"set in the recipe (tokens.max_total = {tokens.max_total})"
-    over = [e.line for e in train + heldout if len(e.input_ids) > budget]
-    warnings: tuple[Diagnostic, ...] = ()
-    if over:
-        shown = ", ".join(map(str, over[:10])) + (" ..." if len(over) > 10 else "")
-        warnings = (Diagnostic(
-            "warning",
-            f"data set \"{common['name']}\": {len(over)} conversations exceed {budget} tokens and are left out "
-            f"(rows at lines {shown} of {common['source_label']})",
-            help="raise tokens.max_total or tokens.coverage to keep them",
-            **loaded.where(("tokens",)),
-        ),)
-    keep_train = [e for e in train if len(e.input_ids) <= budget]
-    keep_heldout = [e for e in heldout if len(e.input_ids) <= budget]
+    # A conversation over the budget would lose supervised tokens (its end): the overflow policy decides.
+    over = [e for e in everything if len(e.input_ids) > budget]
+    if over and (tokens.overflow == "fail" or len(over) > tokens.overflow_allowed):
+        allowed = "" if tokens.overflow == "fail" else f" (tokens.overflow_allowed = {tokens.overflow_allowed})"
+        raise _budget_error(loaded, common, BudgetError(
+            f"{len(over)} conversations would lose supervised tokens: they are longer than {budget} tokens{allowed}",
+            [e.line for e in over]))
+
+    def fit(chunk: list[_ChatExample]) -> list[_ChatExample]:
+        if tokens.overflow == "drop":
+            return [e for e in chunk if len(e.input_ids) <= budget]
+        return [_ChatExample(e.line, e.input_ids[:budget], e.labels[:budget]) for e in chunk]
+
+    keep_train, keep_heldout = fit(train), fit(heldout)
+    kept = keep_train + keep_heldout
 
     def records(chunk: list[_ChatExample]) -> list[dict[str, Any]]:
         return [{"input_ids": e.input_ids, "labels": e.labels, "line": e.line} for e in chunk]
 
-    info = {
-        "max_total_tokens": budget,
-        "reason": reason,
-        "measured": True,
-        "before_truncation": {
-            "total": dataclasses.asdict(LengthStats.of(totals)),
-            "supervised": dataclasses.asdict(LengthStats.of([e.supervised for e in train + heldout])),
-        },
-        "truncated_examples": 0,
-        "truncated_fraction": 0.0,
-        "tokens_removed": 0,
-        "truncatable_fields": [],
-        "completion_truncated_examples": 0,
-        "dropped_examples": len(over),
+    stats = {
+        "total": dataclasses.asdict(LengthStats.of(totals)),
+        "supervised": dataclasses.asdict(LengthStats.of([e.supervised for e in everything])),
     }
+    label_truncated = 0 if tokens.overflow == "drop" else len(over)
+    info = _token_info(
+        budget, reason, stats, _role_lengths(everything), histogram(totals),
+        dataclasses.asdict(LengthStats.of([len(e.input_ids) for e in kept])), len(keep_train), len(keep_heldout),
+        truncated=label_truncated, tokens_removed=sum(len(e.input_ids) - budget for e in over) if label_truncated else 0,
+        removed_by_field={}, truncatable=[], label_truncated=label_truncated,
+        dropped=len(everything) - len(kept), fixed_max=None,
+    )
     return PreparedData(
         **common,
         measured=True,
@@ -449,5 +500,12 @@ def _prepare_chat(loaded, common, split, encoder, chat, spec, n_positions_cap, l
         tokens_per_epoch=sum(len(e.input_ids) for e in keep_train),
         supervised_per_epoch=sum(e.supervised for e in keep_train),
         max_completion_tokens=max((e.supervised for e in keep_train), default=0),
-        warnings=warnings,
     )
+
+
+def _role_lengths(examples: list[_ChatExample]) -> dict[str, dict]:
+    """Supervised and unsupervised tokens per conversation (the chat analogue of per-field lengths)."""
+    return {
+        "supervised": dataclasses.asdict(LengthStats.of([e.supervised for e in examples])),
+        "unsupervised": dataclasses.asdict(LengthStats.of([len(e.labels) - e.supervised for e in examples])),
+    }

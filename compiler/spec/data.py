@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from compiler.spec.base import Auto, Fraction, PositiveInt, Section, exactly_one
+from compiler.spec.base import Auto, Fraction, NonNegativeInt, PositiveInt, Section, exactly_one
 
 # Record shapes. Each names the fields a template can use (after `fields` renames them):
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -161,8 +161,13 @@ class TokensSection(Section):
     max_total: PositiveInt | Auto = "auto"
     """Tokens per example, prompt plus completion. "auto" measures the templated data."""
     coverage: float = Field(default=1.0, gt=0.0, le=1.0)
-    """With max_total = "auto": the share of examples that must fit without truncation."""
-    round_to: PositiveInt = 8
-    """Round an "auto" budget up to a multiple of this (kernels prefer multiples of 8)."""
+    """With max_total = "auto": the share of examples that must fit without truncation (1.0: the longest)."""
+    round_to: PositiveInt | Auto = "auto"
+    """Round an "auto" budget up to a multiple of this; "auto": 8 on CPU, 64 on GPUs."""
     truncatable: list[str] = Field(default_factory=list)
-    """Prompt fields that may be shortened to fit. The completion never is."""
+    """Prompt fields that may be shortened to fit, cut from their end in this order. The completion never is."""
+    overflow: Literal["fail", "drop", "truncate"] = "fail"
+    """Rows that would lose supervised tokens even with the truncatable fields emptied: fail the compile
+    (listing them), drop them, or cut their completion. drop and truncate need overflow_allowed."""
+    overflow_allowed: NonNegativeInt = 0
+    """How many such rows the recipe accepts; the compile fails when more overflow."""
