@@ -122,6 +122,8 @@ def _check_template(ctx: Context, name: str, ds: Dataset) -> list[Diagnostic]:
     for part in ("prompt", "completion"):
         source, key = _template_source(ctx, template, part, at)
         if key is None:
+            if part == "completion" and ds.format == "prompt":
+                continue  # prompt-only data (ppo rollouts) has nothing to complete
             out.append(ctx.error(f"the template has no {part}", at, f"add {part} = \"...\" (or {part}_file)"))
             continue
         if source is None:

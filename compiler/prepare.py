@@ -32,7 +32,7 @@ from compiler.checks_data import file_format
 from compiler.data import DataReport, Row, Split, problem_diagnostics, read_dataset, split_rows
 from compiler.diagnostics import Diagnostic, RecipeError
 from compiler.loader import LoadedRecipe, display_path
-from compiler.recipe import Dataset, TemplateSection, dataset_template
+from compiler.recipe import Dataset, TemplateSection, dataset_template, stage_dataset
 from compiler.templating import TemplateError, compile_template
 from compiler.tokenizer import Encoder
 from runtime.config import TemplateSpec
@@ -260,6 +260,16 @@ def _variants(rows: tuple[Row, ...], fmt: str) -> list[tuple[Row, str | None]]:
     return out
 
 
+def _score_field(loaded: LoadedRecipe, name: str) -> str | None:
+    """The numeric field a regression reward model learns from this data set, if any."""
+    if loaded.recipe.data[name].format == "scored":
+        return "score"
+    for stage in loaded.recipe.stages:
+        if getattr(stage, "objective", None) == "regression" and stage_dataset(loaded.recipe, stage) == name:
+            return stage.score_field
+    return None
+
+
 def _round_to(loaded: LoadedRecipe) -> int:
     """Budget granularity: 8 on CPU, 64 on GPUs (tensor-core friendly shapes), unless set."""
     round_to = loaded.recipe.tokens.round_to
@@ -335,6 +345,9 @@ def _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions
                           "prompt": list(example.prompt_ids)}
                 if label_field and label_field in example.fields:
                     record["label"] = str(example.fields[label_field])
+                score_field = _score_field(loaded, name)
+                if score_field and score_field in example.fields:
+                    record["score"] = float(example.fields[score_field])
             if kind == "chosen":
                 pending = record
             elif record is not None:
