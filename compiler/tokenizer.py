@@ -71,14 +71,19 @@ def tiktoken_encoder(asset: AssetSpec, special_tokens: dict[str, int], eos_token
     return Encoder(tokenizer=Tokenizer.from_str(text), json=text, source=f"asset:{asset.name}", eos_token=eos_token)
 
 
-def gguf_encoder(asset: AssetSpec) -> Encoder:
-    """The tokenizer embedded in a pinned GGUF checkpoint, rebuilt once into the cache."""
+def gguf_tokenizer_folder(asset: AssetSpec) -> Path:
+    """A Hugging Face tokenizer folder rebuilt from a pinned GGUF checkpoint, once, in the cache."""
     from compiler.gguf_tokenizer import write_tokenizer_dir
 
     folder = cache_dir() / "derived" / f"tokenizer-gguf-{asset.sha256[:16]}"
     if not (folder / "tokenizer.json").is_file():
         write_tokenizer_dir(asset_path(asset), folder)
-    return folder_encoder(folder, f"asset:{asset.name}")
+    return folder
+
+
+def gguf_encoder(asset: AssetSpec) -> Encoder:
+    """The tokenizer embedded in a pinned GGUF checkpoint."""
+    return folder_encoder(gguf_tokenizer_folder(asset), f"asset:{asset.name}")
 
 
 def folder_encoder(folder: Path, source: str) -> Encoder:
