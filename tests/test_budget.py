@@ -94,3 +94,57 @@ def test_eos_is_part_of_the_completion() -> None:
     budget, (example,) = plan_budget(rows, PROMPT, COMPLETION, CharEncoder(), _request(eos_ids=(0,)))
     assert example.completion_ids[-1] == 0
     assert budget.max_completion_tokens == 5
+
+
+TWO_FIELDS = compile_template("{{ a }}|{{ b }}|")  # 2 fixed characters
+
+
+def test_truncation_follows_the_declared_order() -> None:
+    rows = [Row(1, {"a": "x" * 10, "b": "y" * 10, "label": "z"})]
+    request = _request(max_total_tokens=17, truncatable=("b", "a"))  # 2 + 20 + 4 (" yes" style) -> cut 6 from b
+    budget, (example,) = plan_budget(rows, TWO_FIELDS, compile_template(" {{ label }}"), CharEncoder(), request)
+    assert CharEncoder().decode(example.prompt_ids) == "x" * 10 + "|" + "y" * 3 + "|"
+    assert example.removed_by_field == {"b": 7}
+    assert budget.removed_by_field == {"b": 7, "a": 0}
+    request = _request(max_total_tokens=17, truncatable=("a", "b"))
+    _, (example,) = plan_budget(rows, TWO_FIELDS, compile_template(" {{ label }}"), CharEncoder(), request)
+    assert CharEncoder().decode(example.prompt_ids) == "x" * 3 + "|" + "y" * 10 + "|"
+
+
+def test_overflow_fails_by_default_and_names_the_rows() -> None:
+    rows = _rows(["abc", "d", "e"], label="long-label")
+    rows[1] = Row(2, {"text": "d", "label": "ok"})
+    with pytest.raises(BudgetError) as caught:
+        plan_budget(rows, PROMPT, COMPLETION, CharEncoder(), _request(max_total_tokens=12))
+    assert caught.value.lines == (1, 3)
+    assert "would lose supervised tokens" in str(caught.value)
+    # an allowance smaller than the overflow still fails
+    with pytest.raises(BudgetError, match="overflow_allowed = 1"):
+        plan_budget(rows, PROMPT, COMPLETION, CharEncoder(),
+                    _request(max_total_tokens=12, overflow="drop", overflow_allowed=1))
+
+
+def test_overflow_drop_and_truncate_are_counted() -> None:
+    rows = _rows(["abc", "d", "e"], label="long-label")  # fixed part 6 + 11 = 17 > 12
+    rows[1] = Row(2, {"text": "d", "label": "ok"})  # 6 + 1 + 3 = 10 fits
+    budget, examples = plan_budget(rows, PROMPT, COMPLETION, CharEncoder(),
+                                   _request(max_total_tokens=12, overflow="drop", overflow_allowed=2))
+    assert [e is None for e in examples] == [True, False, True]
+    assert (budget.n_dropped, budget.n_label_truncated, budget.overflow_lines) == (2, 0, (1, 3))
+    budget, examples = plan_budget(rows, PROMPT, COMPLETION, CharEncoder(),
+                                   _request(max_total_tokens=12, overflow="truncate", overflow_allowed=2))
+    assert budget.n_dropped == 0 and budget.n_label_truncated == 2
+    first = examples[0]
+    assert CharEncoder().decode(first.prompt_ids) == "Q: \nA:"  # the text field emptied first
+    assert CharEncoder().decode(first.completion_ids) == " long-"  # then the label cut to fit 12
+    assert first.label_tokens_removed == 5
+
+
+def test_profile_has_p90_fields_and_a_histogram() -> None:
+    texts = ["a" * n for n in range(1, 101)]
+    budget, _ = plan_budget(_rows(texts), PROMPT, COMPLETION, CharEncoder(), _request())
+    assert (budget.total.p50, budget.total.p90, budget.total.max) == (60, 100, 110)
+    assert budget.fields["text"].p90 == 90 and budget.fields["text"].min == 1
+    bins = {b["below"]: b["count"] for b in budget.histogram}
+    assert bins == {8: 0, 16: 5, 32: 16, 64: 32, 128: 47}  # totals 11..110: 11-15, 16-31, 32-63, 64-110
+    assert sum(bins.values()) == 100
