@@ -70,8 +70,10 @@ def read_dataset(paths: list[Path], ds: Dataset, fmt: str, display: str) -> Data
     report = DataReport()
     for path in paths:
         shown = display if len(paths) == 1 else f"{display}/{path.name}"
-        text = _read_text(path, shown)
-        if fmt in ("tsv", "csv"):
+        text = "" if fmt == "parquet" else _read_text(path, shown)
+        if fmt == "parquet":
+            records = _read_parquet(path, shown)
+        elif fmt in ("tsv", "csv"):
             records = _read_delimited(text, "\t" if fmt == "tsv" else ",", ds.columns, shown, report)
         elif fmt == "json":
             records = _read_json_array(text, shown)
@@ -80,11 +82,17 @@ def read_dataset(paths: list[Path], ds: Dataset, fmt: str, display: str) -> Data
         if len(paths) > 1:
             records = [Row(r.line, r.fields, path.name) for r in records]
         report.rows += records
+    return check_rows(report.rows, ds, display, report)
+
+
+def check_rows(rows: list[Row], ds: Dataset, display: str, report: DataReport | None = None) -> DataReport:
+    """Rename, check against the format, unescape and derive; problems go into the report."""
+    report = report or DataReport()
     if ds.max_rows is not None:
-        report.rows = report.rows[: ds.max_rows]
-    report.n_records = len(report.rows) + sum(1 for p in report.problems if p.severity == "error")
+        rows = rows[: ds.max_rows]
+    report.n_records = len(rows) + sum(1 for p in report.problems if p.severity == "error")
     good = []
-    for row in report.rows:
+    for row in rows:
         fields = _renamed(row.fields, ds.fields)
         problems = check_record(fields, ds.format, row.file or display, row.line)
         for name in ds.html_unescape:
@@ -214,6 +222,47 @@ def _read_jsonl(text: str, display: str, report: DataReport) -> list[Row]:
             continue
         rows.append(Row(line_number, value))
     return rows
+
+
+def _read_parquet(path: Path, display: str) -> list[Row]:
+    """Rows of a Parquet file (pyarrow, which `datasets` brings); `line` is the 1-based row number."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise RecipeError.single(f"{display} is not a readable Parquet file: {exc}", file=display) from None
+    return [Row(i + 1, record) for i, record in enumerate(table.to_pylist())]
+
+
+def read_hub_rows(name: str, split: str, revision: str | None) -> list[Row]:
+    """A hub data set through `datasets`, when the hub is reachable (or the data set is cached with
+    HF_DATASETS_OFFLINE=1). Raises RecipeError saying which, quickly, instead of retrying for minutes."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not offline:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or ""
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError as exc:
+            raise RecipeError.single(
+                f"data set {json.dumps(name)} is on the Hugging Face hub, which is not reachable from here "
+                f"({host}: {exc.strerror or exc})",
+                help="download it on a machine with access (datasets.load_dataset(...).to_json(...)) and use "
+                "source.path, or set HF_DATASETS_OFFLINE=1 to read it from the local datasets cache",
+            ) from None
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split=split, revision=revision)
+    except Exception as exc:  # datasets raises many types: not found, gated, offline cache miss
+        raise RecipeError.single(f"cannot load hub data set {json.dumps(name)} (split {split}): {exc}") from None
+    return [Row(i + 1, dict(record)) for i, record in enumerate(loaded)]
 
 
 def _kind(value: Any) -> str:

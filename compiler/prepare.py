@@ -29,7 +29,16 @@ from compiler.budget import (
 from compiler.chat import ChatTemplate, ConversationError, chat_template, conversation, segments
 from compiler.checks import resolve_data_path
 from compiler.checks_data import file_format
-from compiler.data import DataReport, Row, Split, problem_diagnostics, read_dataset, split_rows
+from compiler.data import (
+    DataReport,
+    Row,
+    Split,
+    check_rows,
+    problem_diagnostics,
+    read_dataset,
+    read_hub_rows,
+    split_rows,
+)
 from compiler.diagnostics import Diagnostic, RecipeError
 from compiler.loader import LoadedRecipe, display_path
 from compiler.recipe import Dataset, TemplateSection, dataset_template, stage_dataset
@@ -74,11 +83,7 @@ def source_files(loaded: LoadedRecipe, name: str, assets: dict[str, AssetSpec]) 
             raise RecipeError.single(str(exc), **loaded.where(key + ("asset",))) from None
         return [path], f"asset:{ds.source.asset}/{path.name}"
     if ds.source.hub is not None:
-        raise RecipeError.single(
-            f"data.{name}.source.hub = \"{ds.source.hub}\": hub data sets are not read at compile time here",
-            help="download the data set and point source.path at its files",
-            **loaded.where(key + ("hub",)),
-        )
+        return [], f"hub:{ds.source.hub}"
     pattern = resolve_data_path(loaded.path, ds.source.path)
     paths = sorted(Path(p) for p in glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [pattern]
     return paths, display_path(pattern)
@@ -134,14 +139,18 @@ def prepare_dataset(
     recipe = loaded.recipe
     ds = recipe.data[name]
     paths, label = source_files(loaded, name, assets)
-    fmt = _file_format(ds, paths)
-    if fmt not in ("tsv", "csv", "json", "jsonl"):
-        raise RecipeError.single(
-            f"data set \"{name}\": cannot read {fmt or 'extension-less'} files ({label})",
-            help='set file_format = "tsv", "csv", "json" or "jsonl"',
-            **loaded.where(("data", name)),
-        )
-    report = read_dataset(paths, ds, fmt, label)
+    if ds.source.hub is not None:
+        hub_rows = read_hub_rows(ds.source.hub, ds.source.hub_split, ds.source.revision)
+        report = check_rows(hub_rows, ds, label)
+    else:
+        fmt = _file_format(ds, paths)
+        if fmt not in ("tsv", "csv", "json", "jsonl", "parquet"):
+            raise RecipeError.single(
+                f"data set \"{name}\": cannot read {fmt or 'extension-less'} files ({label})",
+                help='set file_format = "tsv", "csv", "json", "jsonl" or "parquet"',
+                **loaded.where(("data", name)),
+            )
+        report = read_dataset(paths, ds, fmt, label)
     rows, check_warnings, checks = _apply_bad_rows_policy(loaded, name, report)
     if not rows:
         raise RecipeError.single(f"{label} has no rows", **loaded.where(("data", name, "source")))
