@@ -92,7 +92,7 @@ class TokenBudget:
     fields: dict[str, LengthStats]  # each prompt field's own length, before truncation
     histogram: list[dict[str, int]]  # of totals before truncation
     total_after: LengthStats  # of the examples kept, after truncation
-    fixed_tokens_max: int  # longest rendering with every truncatable field emptied
+    fixed_tokens_max: int  # longest fixed part (truncatable fields emptied) among rows over the budget
     n_truncated: int
     tokens_removed: int
     removed_by_field: dict[str, int]
@@ -167,8 +167,13 @@ def plan_budget(
 
     Returns one entry per row, in order; None for a row the overflow policy dropped."""
     measured = _measure(rows, prompt, completion, encoder, request)
-    fixed_max = max(m.fixed_tokens for m in measured)
     totals = sorted(m.total for m in measured)
+    # A row's fixed part is at most its total, so only rows longer than the smallest budget the
+    # data could get need theirs measured (the chosen budget is never below this one).
+    floor = _choose(totals, 0, request)[0]
+    long_rows = [m for m in measured if m.total > floor]
+    _measure_fixed(long_rows, prompt, encoder, request)
+    fixed_max = max((m.fixed_tokens for m in long_rows), default=0)
     budget, reason = _choose(totals, fixed_max, request)
 
     overflow = [m for m in measured if m.fixed_tokens > budget]
@@ -256,17 +261,23 @@ def _measure(
 ) -> list[_Measured]:
     prompt_ids = encoder.encode_batch(render_rows(rows, prompt))
     completion_ids = encoder.encode_batch(render_rows(rows, completion))
-    # The fixed part: the prompt with every truncatable field emptied.
-    if request.truncatable:
-        emptied = [Row(r.line, dict(r.fields, **{f: "" for f in request.truncatable})) for r in rows]
-        fixed_prompts = [len(ids) for ids in encoder.encode_batch(render_rows(emptied, prompt))]
-    else:
-        fixed_prompts = [len(p) for p in prompt_ids]
     out = []
-    for row, p, c, fixed in zip(rows, prompt_ids, completion_ids, fixed_prompts):
+    for row, p, c in zip(rows, prompt_ids, completion_ids):
         c = c + list(request.eos_ids)
-        out.append(_Measured(row, p, c, fixed_prompt_tokens=fixed, fields=dict(row.fields)))
+        out.append(_Measured(row, p, c, fixed_prompt_tokens=len(p), fields=row.fields))
     return out
+
+
+def _measure_fixed(measured: list[_Measured], prompt: Template, encoder: Encoder, request: BudgetRequest) -> None:
+    """The fixed part of each row: its prompt with every truncatable field emptied.
+
+    Only rows longer than `limit` can overflow, so only they are re-rendered and re-tokenized
+    (a row's fixed part is never longer than the row)."""
+    if not request.truncatable or not measured:
+        return
+    emptied = [Row(m.row.line, dict(m.row.fields, **{f: "" for f in request.truncatable})) for m in measured]
+    for m, ids in zip(measured, encoder.encode_batch(render_rows(emptied, prompt))):
+        m.fixed_prompt_tokens = len(ids)
 
 
 def _fit(m: _Measured, budget: int, prompt: Template, encoder: Encoder, request: BudgetRequest) -> Example:

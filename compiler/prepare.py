@@ -336,6 +336,7 @@ def _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions
         raise _budget_error(loaded, common, exc) from None
     n_train = len(_variants(split.train, common["format"]))
     kinds = [k for _, k in ordered]
+    score_field = _score_field(loaded, name)
 
     def records(chunk: list[Example | None], kinds: list[str | None]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -354,7 +355,6 @@ def _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions
                           "prompt": list(example.prompt_ids)}
                 if label_field and label_field in example.fields:
                     record["label"] = str(example.fields[label_field])
-                score_field = _score_field(loaded, name)
                 if score_field and score_field in example.fields:
                     record["score"] = float(example.fields[score_field])
             if kind == "chosen":

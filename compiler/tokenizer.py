@@ -33,7 +33,14 @@ class Encoder:
     chat_template: str | None = None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        # Each distinct text is encoded once: labels, templates with few fields and duplicated
+        # rows repeat, and the fast tokenizer's cost is per text. Equal texts share one list of
+        # ids; callers must not modify the lists they get.
+        unique = list(dict.fromkeys(texts))
+        if len(unique) == len(texts):
+            return [e.ids for e in self.tokenizer.encode_batch(unique, add_special_tokens=False)]
+        encoded = dict(zip(unique, (e.ids for e in self.tokenizer.encode_batch(unique, add_special_tokens=False))))
+        return [encoded[t] for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
