@@ -117,6 +117,11 @@ def _check_template(ctx: Context, name: str, ds: Dataset) -> list[Diagnostic]:
         out.append(ctx.error('chat = "tokenizer" needs a tokenizer that carries a chat template; tiktoken ranks do not',
                              at + ("chat",), 'name a built-in template such as chat = "chatml"'))
     if template.chat is not None:
+        if ctx.recipe.tokens.truncatable:
+            out.append(ctx.error(
+                f"tokens.truncatable names fields, but data set {q(name)} is rendered with a chat template, whose "
+                "conversations are never cut by field", ("tokens", "truncatable"),
+                'remove tokens.truncatable, or size tokens.max_total (and tokens.overflow) for whole conversations'))
         return out
     variables: dict[str, frozenset[str]] = {}
     for part in ("prompt", "completion"):

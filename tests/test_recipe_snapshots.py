@@ -1104,6 +1104,16 @@ CASES = [
 
         1 error
         """),
+    case("truncatable-with-chat-template",
+         QA((r'prompt = "Q: {{ user_input }}\nA:"' + '\ncompletion = " {{ completion }}"', 'chat = "chatml"'),
+            add='[tokens]\ntruncatable = ["user_input"]'), r"""
+        error: tokens.truncatable names fields, but data set "qa" is rendered with a chat template, whose conversations are never cut by field
+          --> r.toml:23:1
+           | truncatable = ["user_input"]
+           = help: remove tokens.truncatable, or size tokens.max_total (and tokens.overflow) for whole conversations
+
+        1 error
+        """),
     case("truncatable-not-in-prompt", T(('truncatable = ["text"]', 'truncatable = ["id"]')), r"""
         error: tokens.truncatable names "id", which template.prompt does not use
           --> r.toml:33:1
