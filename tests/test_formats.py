@@ -191,3 +191,12 @@ def test_a_system_message_is_added_where_the_data_has_none(tmp_path: Path, refer
     text = reference.decode(rows[1]["input_ids"])
     assert text.startswith("<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\nWhat is 3*3?")
     assert reference.decode(rows[2]["input_ids"]).startswith("<|im_start|>system\nAnswer in French.")
+
+
+def test_templates_can_live_in_files_next_to_the_recipe(tmp_path: Path, reference) -> None:
+    (tmp_path / "prompt.j2").write_text("User: {{ user_input }}\nBot:")
+    (tmp_path / "completion.j2").write_text(" {{ completion }}")
+    template = {"prompt_file": "prompt.j2", "completion_file": "completion.j2"}
+    rows = _by_line(_compile(tmp_path, "completion", "completion.jsonl", template)["records"])
+    assert rows[1]["prompt"] == reference.encode("User: How are you?\nBot:")
+    assert rows[1]["completion"] == reference.encode(" Fine, thanks.")
