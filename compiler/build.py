@@ -19,7 +19,6 @@ from compiler.assets import AssetError, AssetSpec, load_catalog
 from compiler.catalog import ModelFacts
 from compiler.checks import Context, model_facts, resolve_data_path, tokenizer_format
 from compiler.diagnostics import Diagnostic, RecipeError
-from compiler.estimate import MemoryEstimate, TrainSetup, train_flops, train_memory
 from compiler.loader import LoadedRecipe, display_path
 from compiler.overrides import Override
 from compiler.params import (
@@ -32,19 +31,18 @@ from compiler.params import (
 )
 from compiler.prepare import PreparedData, prepare_dataset
 from compiler.recipe import (
-    DpoStage,
     FreezeAdapter,
     LoraAdapter,
     PpoStage,
     PrefixAdapter,
     PretrainedModel,
-    RewardStage,
     ScratchModel,
     Stage,
     stage_adapter,
     stage_dataset,
     training,
 )
+from compiler.stage_estimate import StageEstimate, estimate_stage
 from compiler.tokenizer import Encoder, folder_encoder, gguf_encoder, tiktoken_encoder
 from compiler.validate import validate
 from runtime.config import (
@@ -76,17 +74,6 @@ class Build:
     warnings: tuple[Diagnostic, ...]
 
 
-@dataclass(frozen=True)
-class StageEstimate:
-    """What the plan says about one stage."""
-
-    trainable_parameters: int
-    steps: int
-    tokens: int
-    flops: int
-    memory: MemoryEstimate
-
-
 def compile_recipe(path: Path, overrides: Sequence[Override] = ()) -> Build:
     """Validate, read and measure the data, choose budgets, estimate, and render the build files."""
     loaded, warnings = validate(path, overrides)
@@ -107,8 +94,8 @@ def compile_recipe(path: Path, overrides: Sequence[Override] = ()) -> Build:
     vocab_size = encoder.vocab_size if isinstance(recipe.model, ScratchModel) else facts.vocab_size
     arch = architecture(facts, vocab_size=vocab_size, n_positions=n_positions)
     config = _runtime_config(loaded, facts, arch, encoder, prepared, n_positions, eval_data)
-    estimates = [_estimate(loaded, arch, stage, prepared[spec.data], config) for stage, spec in
-                 zip(recipe.stages, config.stages)]
+    estimates = [_estimate(loaded, arch, facts.family, stage, prepared[spec.data], config)
+                 for stage, spec in zip(recipe.stages, config.stages)]
 
     files: dict[str, bytes] = {"runtime.json": config.to_json().encode()}
     if encoder is not None:
@@ -380,33 +367,21 @@ def trainable_parameters(arch: Architecture, adapter) -> int:
     return parameters(arch).total
 
 
-def _estimate(loaded: LoadedRecipe, arch: Architecture, stage: Stage, data: PreparedData,
+def _estimate(loaded: LoadedRecipe, arch: Architecture, family: str, stage: Stage, data: PreparedData,
               config: RuntimeConfig) -> StageEstimate:
     r = loaded.recipe
     t = training(r, stage)
-    hw = r.hardware
-    world = hw.nodes * hw.nproc_per_node
-    total = parameters(arch)
-    trainable = trainable_parameters(arch, stage_adapter(r, stage))
+    world = r.hardware.nodes * r.hardware.nproc_per_node
     n_train = config.data[stage_dataset(r, stage)].n_train
-    steps_per_epoch = max(1, -(-n_train // (t.micro_batch_size * t.grad_accum * world)))
-    steps = planned_steps(t, n_train, world)
-    epochs = steps / steps_per_epoch
-    tokens = int(data.tokens_per_epoch * epochs)
-    supervised = int(data.supervised_per_epoch * epochs)
-    if isinstance(stage, (RewardStage, DpoStage)):
-        supervised = 0 if isinstance(stage, RewardStage) else supervised
-    flops = train_flops(arch, total.non_embedding, tokens=tokens, supervised_tokens=supervised,
-                        mean_seq_len=data.mean_seq_len, trainable_fraction=min(1.0, trainable / total.total))
-    per_example = data.max_completion_tokens if stage.kind == "sft" else data.max_total_tokens
-    quant = r.model.quantization if isinstance(r.model, PretrainedModel) else "none"
-    memory = train_memory(arch, TrainSetup(
-        total_parameters=total.total, trainable_parameters=trainable, micro_batch_size=t.micro_batch_size,
-        seq_len=data.max_total_tokens, supervised_per_example=max(1, per_example), precision=hw.precision,
-        device=hw.device, optimizer=t.optimizer, quantization=quant, world_size=world, zero_stage=hw.zero_stage,
-        offload_optimizer=hw.offload_optimizer, offload_params=hw.offload_params,
-        gradient_checkpointing=hw.gradient_checkpointing, attention=hw.attention))
-    return StageEstimate(trainable_parameters=trainable, steps=steps, tokens=tokens, flops=flops, memory=memory)
+    model = config.model.config
+    dropout = any(float(model.get(k, 0) or 0) > 0 for k in ("resid_pdrop", "attention_dropout", "hidden_dropout"))
+    return estimate_stage(
+        r, arch, family, stage, trainable=trainable_parameters(arch, stage_adapter(r, stage)), n_train=n_train,
+        tokens_per_epoch=data.tokens_per_epoch, supervised_per_epoch=data.supervised_per_epoch,
+        max_total_tokens=data.max_total_tokens, max_completion_tokens=data.max_completion_tokens,
+        mean_seq_len=data.mean_seq_len, steps=planned_steps(t, n_train, world),
+        steps_per_epoch=max(1, -(-n_train // (t.micro_batch_size * t.grad_accum * world))), dropout=dropout,
+    )
 
 
 def _sha256(data: bytes) -> str:

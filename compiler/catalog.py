@@ -160,13 +160,14 @@ def facts_from_config_json(path: Path, shown: str | None = None) -> ModelFacts:
 
 @dataclass(frozen=True)
 class Accelerator:
-    """One GPU model from specs/hardware."""
+    """One device model from specs/hardware (a GPU, or `cpu`)."""
 
     name: str
     memory_gib: float
     peak_tflops: dict[str, float]
     bf16_supported: bool
     usd_per_hour: float
+    mfu: float = 0.40
 
 
 @cache
@@ -183,4 +184,20 @@ def load_accelerator(name: str) -> Accelerator:
         peak_tflops={k: float(v) for k, v in raw["peak_tflops"].items()},
         bf16_supported=bool(raw.get("bf16_supported", True)),
         usd_per_hour=float(raw["usd_per_hour"]),
+        mfu=float(raw.get("mfu", 0.40)),
     )
+
+
+# Catalog families whose block structure the calibrated activation coefficients describe.
+_ACTIVATION_FAMILY = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "chatglm": "llama"}
+
+
+@cache
+def activation_coefficients(family: str) -> dict[str, dict[str, float]]:
+    """{precision: coefficients} from specs/estimates/activations.toml (fp16 uses the bf16 fit)."""
+    raw = tomllib.loads((specs_dir() / "estimates" / "activations.toml").read_text(encoding="utf-8"))
+    fits = raw.get(_ACTIVATION_FAMILY.get(family, "llama"), {})
+    out = {precision: dict(values) for precision, values in fits.items()}
+    if "bf16" in out:
+        out.setdefault("fp16", out["bf16"])
+    return out

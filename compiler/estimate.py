@@ -1,21 +1,26 @@
-"""Parameters, FLOPs and memory: pure functions of frozen inputs.
+"""Memory, FLOPs, time and cost: pure functions of frozen inputs.
 
 No file access, clock, environment or device probing here; the compiler gathers the inputs and
-these functions only compute. Units are in the names: *_bytes, *_gib, *_flops.
+these functions only compute. Units are in the names: *_bytes, *_gib, *_flops, *_s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from compiler.params import Architecture
+from compiler.params import Architecture, block_parameters
 
 GIB = 1024**3
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak training memory on one device, in bytes, by category."""
+    """Training memory on one device, in bytes, by category, and the peak of one step.
+
+    The categories are not all alive at once: with gradients freed after each optimizer step,
+    the forward pass ends holding every activation and no gradient, and the backward pass frees
+    activations as it creates gradients. `peak_bytes` is the larger of the two moments (see
+    `train_memory`); `total_bytes` is the same figure, kept for readers of older plans."""
 
     weights_bytes: int
     gradients_bytes: int
@@ -23,28 +28,26 @@ class MemoryEstimate:
     activations_bytes: int
     logits_bytes: int
     overhead_bytes: int
+    frozen_models_bytes: int = 0  # reference / reward models a stage holds besides the one it trains
+    peak_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return (
-            self.weights_bytes
-            + self.gradients_bytes
-            + self.optimizer_bytes
-            + self.activations_bytes
-            + self.logits_bytes
-            + self.overhead_bytes
-        )
+        return self.peak_bytes
 
-    def as_gib(self) -> dict[str, float]:
-        parts = {
+    def breakdown(self) -> dict[str, int]:
+        return {
             "weights": self.weights_bytes,
+            "frozen_models": self.frozen_models_bytes,
             "gradients": self.gradients_bytes,
             "optimizer": self.optimizer_bytes,
             "activations": self.activations_bytes,
             "logits": self.logits_bytes,
             "overhead": self.overhead_bytes,
-            "total": self.total_bytes,
         }
+
+    def as_gib(self) -> dict[str, float]:
+        parts = {**self.breakdown(), "total": self.peak_bytes}
         return {k: round(v / GIB, 3) for k, v in parts.items()}
 
 
@@ -58,8 +61,32 @@ _QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5}  # frozen base weights under bitsa
 # (plus small block scales); SGD one fp32 momentum buffer. Adafactor's factored second moment is
 # O(rows + cols) per matrix: counted as one fp32 value per hidden-width row, i.e. 4 / hidden.
 _OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 4}
+# Autocast keeps a half-precision copy of each weight matrix it casts, for the backward pass.
+AUTOCAST_WEIGHT_COPY_BYTES = 2
 # CUDA context plus allocator slack; measured figures vary by driver (300-900 MiB on recent GPUs).
 _CUDA_OVERHEAD_BYTES = 768 * 1024**2
+
+
+@dataclass(frozen=True)
+class ActivationCoefficients:
+    """Bytes saved for backward per token and per layer: per_hidden x h + per_intermediate x I +
+    per_kv x (key/value width) + per_position x s, in fp32 and under bf16/fp16 autocast.
+
+    Calibrated by simulating training steps of small models of each family on fake tensors
+    (`compiler.precise`, `benchmarks/calibrate_activations.py`) and fitting the per-layer growth;
+    values live in specs/estimates/activations.toml."""
+
+    per_hidden: float
+    per_intermediate: float
+    per_kv: float
+    per_position: float = 0.0
+    dropout_per_hidden: float = 0.0  # extra when dropout is on (masks and dropped copies)
+
+
+# Korthikanti et al. 2022 (arXiv:2205.05198, eq. 2) for a GPT block with 2-byte activations:
+# 34 bytes per hidden unit per token (attention 11, MLP 19 with a 4h MLP, norms 4) with dropout
+# masks included; used when no calibrated coefficients are given.
+KORTHIKANTI = ActivationCoefficients(per_hidden=34 - 16, per_intermediate=4, per_kv=0.0)
 
 
 @dataclass(frozen=True)
@@ -81,17 +108,42 @@ class TrainSetup:
     offload_params: bool = False
     gradient_checkpointing: bool = False
     attention: str = "sdpa"
+    grad_accum: int = 1
+    dropout: bool = False
+    sequences_per_example: int = 1  # 2 for preference pairs (chosen and rejected in one step)
+    frozen_model_parameters: tuple[int, ...] = ()  # other models held frozen (reference, reward)
+    coefficients: dict[str, ActivationCoefficients] = field(default_factory=dict)  # by precision
+
+
+def activation_bytes(a: Architecture, st: TrainSetup) -> int:
+    """Activations saved for the backward pass of one micro-batch, all layers."""
+    coefficients = st.coefficients.get(st.precision) or st.coefficients.get("fp32") or KORTHIKANTI
+    c = coefficients
+    tokens = st.seq_len * st.micro_batch_size * st.sequences_per_example
+    per_token_layer = (c.per_hidden * a.hidden + c.per_intermediate * a.intermediate + c.per_kv * a.kv_width
+                       + c.per_position * st.seq_len + (c.dropout_per_hidden * a.hidden if st.dropout else 0))
+    if not st.coefficients:  # Korthikanti counts 2-byte values; scale to the working width
+        per_token_layer *= _WORKING_BYTES[st.precision] / 2
+    if st.attention == "eager":  # attention scores and softmax, [heads, s, s] per sequence, working width
+        per_token_layer += 2 * a.heads * st.seq_len * _WORKING_BYTES[st.precision]
+    if st.gradient_checkpointing:
+        # each layer keeps its input (one hidden-width value per token); one layer is recomputed at a time
+        per_model = tokens * (a.layers * a.hidden * _WORKING_BYTES[st.precision] + per_token_layer)
+    else:
+        per_model = tokens * a.layers * per_token_layer
+    if st.precision != "fp32" and st.coefficients:  # autocast's weight copies (calibrated models only)
+        per_model += AUTOCAST_WEIGHT_COPY_BYTES * block_parameters(a) * (1 if st.gradient_checkpointing else a.layers)
+    return int(per_model)
 
 
 def train_memory(a: Architecture, setup: TrainSetup) -> MemoryEstimate:
     """Peak memory of one training step on one device, by category.
 
-    Activations per layer follow Korthikanti et al. 2022 (arXiv:2205.05198, eq. 2):
-    s*b*h*(34 + 5*a*s/h) bytes with 2-byte activations; the 5*a*s/h term (attention scores,
-    softmax and its dropout mask) is not stored by fused SDPA kernels. With gradient checkpointing
-    each layer keeps only its input (2*s*b*h bytes) and one layer is recomputed at a time.
     ZeRO (Rajbhandari et al. 2020, arXiv:1910.02054) divides optimizer state by the number of
-    processes from stage 1, gradients from stage 2 and weights from stage 3.
+    processes from stage 1, gradients from stage 2 and weights from stage 3. The peak is the larger
+    of the end of the forward pass (weights, optimizer state, all activations and logits, plus
+    gradients still held from earlier micro-batches when accumulating) and the end of the backward
+    pass (weights, optimizer state and all gradients).
     """
     st = setup
     frozen = st.total_parameters - st.trainable_parameters
@@ -113,22 +165,25 @@ def train_memory(a: Architecture, setup: TrainSetup) -> MemoryEstimate:
         optimizer = 0
     if st.offload_params:
         weights = 0
-    s, b, h = st.seq_len, st.micro_batch_size, a.hidden
-    width = _WORKING_BYTES[st.precision] / 2  # the formula counts 2-byte activations
-    full_layer = s * b * h * 34 + (5 * a.heads * s * s * b if st.attention == "eager" else 0)
-    if st.gradient_checkpointing:
-        per_model = a.layers * 2 * s * b * h + full_layer
-    else:
-        per_model = a.layers * full_layer
-    activations = int(per_model * width) + 2 * s * b * h * 4  # + embedding output and final norm, fp32
-    logits = 3 * b * st.supervised_per_example * a.vocab_size * 4  # logits, softmax, gradient in fp32
+    others = sum(int(n * (_QUANTIZED_BYTES.get(st.quantization) or _WORKING_BYTES[st.precision]))
+                 for n in st.frozen_model_parameters)
+    activations = activation_bytes(a, st)
+    # logits, their softmax and gradient in fp32, only at supervised positions
+    logits = 3 * st.micro_batch_size * st.sequences_per_example * st.supervised_per_example * a.vocab_size * 4
+    overhead = _CUDA_OVERHEAD_BYTES if st.device == "cuda" else 0
+    held_gradients = gradients if st.grad_accum > 1 else 0
+    forward_end = activations + logits + held_gradients
+    backward_end = gradients
+    peak = int(weights) + others + int(optimizer) + max(forward_end, backward_end) + overhead
     return MemoryEstimate(
         weights_bytes=int(weights),
         gradients_bytes=int(gradients),
         optimizer_bytes=int(optimizer),
         activations_bytes=activations,
         logits_bytes=logits,
-        overhead_bytes=_CUDA_OVERHEAD_BYTES if st.device == "cuda" else 0,
+        overhead_bytes=overhead,
+        frozen_models_bytes=others,
+        peak_bytes=peak,
     )
 
 
@@ -146,3 +201,13 @@ def train_flops(a: Architecture, non_embedding_parameters: int, *, tokens: int, 
     per_token = (4 + 2 * trainable_fraction) * non_embedding_parameters + 12 * a.layers * a.hidden * mean_seq_len
     head = 6 * a.vocab_size * a.hidden
     return int(tokens * per_token + supervised_tokens * head)
+
+
+def forward_flops(a: Architecture, non_embedding_parameters: int, *, tokens: int, mean_seq_len: float) -> int:
+    """Inference FLOPs (2N per token plus the attention term) for frozen models and generation."""
+    return int(tokens * (2 * non_embedding_parameters + 4 * a.layers * a.hidden * mean_seq_len))
+
+
+def wall_seconds(flops: int, *, devices: int, peak_tflops: float, mfu: float) -> float:
+    """Time at a model-FLOPs utilisation `mfu` of the devices' dense peak (nanoGPT's estimate_mfu)."""
+    return flops / (devices * peak_tflops * 1e12 * mfu)

@@ -19,10 +19,10 @@ from compiler.paths import templates_dir
 from runtime.config import RuntimeConfig
 
 if TYPE_CHECKING:
-    from compiler.build import StageEstimate
     from compiler.prepare import PreparedData
+    from compiler.stage_estimate import StageEstimate
 
-PLAN_FORMAT_VERSION = 2
+PLAN_FORMAT_VERSION = 3
 
 
 def build_plan(
@@ -49,8 +49,11 @@ def build_plan(
                 "data": stage.data,
                 "from": stage.start,
                 "adapter": stage.adapter.kind,
-                "trainable_parameters": est.trainable_parameters,
-                "trainable_fraction": round(est.trainable_parameters / total_parameters.total, 6),
+                "params": {
+                    "total": est.total_parameters,
+                    "trainable": est.trainable_parameters,
+                    "trainable_fraction": round(est.trainable_parameters / est.total_parameters, 6),
+                },
                 "epochs": stage.epochs if stage.max_steps is None else None,
                 "max_steps": stage.max_steps,
                 "global_batch_size": stage.micro_batch_size * stage.grad_accum * world,
@@ -58,8 +61,16 @@ def build_plan(
                 "train_tokens": est.tokens,
                 "tokens_measured": prepared[stage.data].measured,
                 "tokens": _stage_tokens(prepared[stage.data]),
-                "train_flops": est.flops,
-                "memory_gib": est.memory.as_gib(),
+                "memory": _memory_entry(est),
+                "compute": {
+                    "flops": est.flops,
+                    "device": est.device.name,
+                    "peak_tflops": est.device.peak_tflops,
+                    "mfu": est.device.mfu,
+                    "wall_s": round(est.wall_s, 1) if est.wall_s is not None else None,
+                    "gpu_hours": round(est.gpu_hours, 3) if est.gpu_hours is not None else None,
+                    "cost_usd": round(est.cost_usd, 2) if est.cost_usd is not None else None,
+                },
             }
         )
     model = config.model
@@ -69,7 +80,16 @@ def build_plan(
         else (model.weights.hub or model.weights.asset or model.weights.path) if model.weights else "?"
     )
     derived = _derived(loaded, config, prepared, encoder_source)
-    peak = max(e.memory.total_bytes for e in estimates)
+    totals = {
+        "flops": sum(e.flops for e in estimates),
+        "train_tokens": sum(e.tokens for e in estimates),
+        "wall_s": _sum_or_none([e.wall_s for e in estimates], 1),
+        "gpu_hours": _sum_or_none([e.gpu_hours for e in estimates], 3),
+        "cost_usd": _sum_or_none([e.cost_usd for e in estimates], 2),
+        "peak_gib": max(s["memory"]["peak_gib"] for s in stages),
+        "device_gib": stages[0]["memory"]["device_gib"],
+        "fits": None if any(s["memory"]["fits"] is None for s in stages) else all(s["memory"]["fits"] for s in stages),
+    }
     return {
         "format_version": PLAN_FORMAT_VERSION,
         "name": recipe.name,
@@ -97,6 +117,7 @@ def build_plan(
         "derived": derived,
         "data": {name: _data_entry(p) for name, p in prepared.items()},
         "stages": stages,
+        "totals": totals,
         "hardware": {
             "device": config.hardware.device,
             "gpu": config.hardware.gpu,
@@ -107,7 +128,7 @@ def build_plan(
             "gradient_checkpointing": config.hardware.gradient_checkpointing,
         },
         "warnings": [d.message for d in warnings],
-        "summary": summary_line(stages, peak, config.hardware.device),
+        "summary": summary_line(stages, totals, config.hardware.device),
     }
 
 
@@ -195,15 +216,51 @@ def _derived(loaded: LoadedRecipe, config: RuntimeConfig, prepared: dict[str, Pr
     return out
 
 
-def summary_line(stages: Sequence[dict[str, Any]], peak_bytes: int, device: str) -> str:
-    tokens = sum(s["train_tokens"] for s in stages)
-    flops = sum(s["train_flops"] for s in stages)
+def summary_line(stages: Sequence[dict[str, Any]], totals: dict[str, Any], device: str) -> str:
     n = len(stages)
     bound = "" if all(s["tokens_measured"] for s in stages) else "at most "
-    return (
-        f"Plan: {n} stage{'s' * (n != 1)}, {bound}{_si(tokens)} tokens, {bound}{_si(flops)}FLOP; "
-        f"peak {peak_bytes / GIB:.2f} GiB per {device} device"
-    )
+    parts = [f"{n} stage{'s' * (n != 1)}", f"{bound}{_si(totals['train_tokens'])} tokens",
+             f"{bound}{_si(totals['flops'])}FLOP"]
+    if totals["wall_s"] is not None:
+        if device == "cuda":
+            parts.append(f"{totals['gpu_hours']:.1f} GPU-h, ~${totals['cost_usd']:.2f}")
+        else:
+            parts.append(f"~{_duration(totals['wall_s'])} on {device}")
+    memory = f"peak {totals['peak_gib']:.2f}"
+    memory += f"/{totals['device_gib']:.0f} GiB per device" if totals["device_gib"] else f" GiB per {device} device"
+    if totals["fits"] is False:
+        memory += " (does not fit)"
+    return f"Plan: {', '.join(parts)}; {memory}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _sum_or_none(values: Sequence[float | None], digits: int) -> float | None:
+    return None if any(v is None for v in values) else round(sum(values), digits)
+
+
+def _memory_entry(est: StageEstimate) -> dict[str, Any]:
+    """Per-device memory: the peak, the device, the verdict, the breakdown, and what would fit."""
+    device = est.device.memory_gib
+    peak = est.memory.peak_bytes / GIB
+    return {
+        "peak_gib": round(peak, 3),
+        "device_gib": device,
+        "fits": est.fits,
+        "headroom_gib": round(device - peak, 3) if device else None,
+        "breakdown_gib": {k: round(v / GIB, 3) for k, v in est.memory.breakdown().items()},
+        "suggestions": [
+            {"change": s.change, "peak_gib": round(s.memory.peak_bytes / GIB, 3), "fits": s.fits,
+             "time_factor": s.time_factor}
+            for s in est.suggestions
+        ],
+    }
 
 
 def _si(value: float) -> str:
@@ -224,6 +281,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["si"] = _si
     env.filters["thousands"] = lambda v: f"{v:,}"
+    env.filters["duration"] = lambda v: "-" if v is None else _duration(v)
     return env
 
 

@@ -29,11 +29,12 @@ HARDWARE_KEYS = [
     "peak_tflops",
     "bf16_supported",
     "interconnect",
+    "mfu",
     "usd_per_hour",
 ]
 
 MODEL_FILES = sorted(MODELS_DIR.glob("*.toml"))
-HARDWARE_FILES = sorted(HARDWARE_DIR.glob("*.toml"))
+HARDWARE_FILES = sorted(p for p in HARDWARE_DIR.glob("*.toml") if p.stem != "cpu")  # GPUs; cpu is tested below
 
 
 def _load(path: Path) -> dict:
@@ -166,3 +167,12 @@ def test_hardware_entry_is_well_formed(path):
     assert ("bf16" in peak) == entry["bf16_supported"]
     assert entry["interconnect"] and isinstance(entry["interconnect"], str)
     assert entry["usd_per_hour"] > 0
+    assert 0 < entry["mfu"] <= 1
+
+
+def test_cpu_entry_describes_the_test_machine_class():
+    entry = _load(HARDWARE_DIR / "cpu.toml")
+    assert list(entry) == HARDWARE_KEYS
+    assert entry["memory_gib"] == 0  # host memory unknown: no verdict
+    # 2 cores x 2.5 GHz x 32 fp32 FLOP per cycle = 160 GFLOP/s
+    assert entry["peak_tflops"]["fp32"] == 2 * 2.5e9 * 32 / 1e12

@@ -33,7 +33,7 @@ def test_every_example_validates_from_the_command_line(path: Path) -> None:
 def test_chatglm3_ptuning_compiles_offline_with_the_published_trainable_count() -> None:
     build = compile_recipe(EXAMPLES / "chatglm3-ptuning.toml")
     stage = build.plan["stages"][0]
-    assert stage["trainable_parameters"] == 1_835_008  # BRIEF workflow 3
+    assert stage["params"]["trainable"] == 1_835_008  # BRIEF workflow 3
     assert stage["steps"] == 1000 and stage["global_batch_size"] == 16
     assert build.plan["model"]["parameters"]["total"] == 6_243_584_000
     runtime = json.loads(build.files["runtime.json"])
@@ -48,7 +48,7 @@ def test_chatglm3_ptuning_compiles_offline_with_the_published_trainable_count() 
 def test_qwen2_lora_compiles_offline_with_grouped_query_lora_shapes() -> None:
     build = compile_recipe(EXAMPLES / "qwen2-7b-lora.toml")
     stage = build.plan["stages"][0]
-    assert stage["trainable_parameters"] == 10_092_544  # r32 on q_proj (3584->3584), v_proj (3584->512)
+    assert stage["params"]["trainable"] == 10_092_544  # r32 on q_proj (3584->3584), v_proj (3584->512)
     assert stage["global_batch_size"] == 16
     assert build.plan["model"]["architecture_from"] == "qwen2-7b-instruct"
 

@@ -33,6 +33,14 @@ class HardwareSection(Section):
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel."""
+    memory_gib: PositiveFloat | None = None
+    """Memory per device in GiB; overrides the catalog's figure for `gpu`."""
+    peak_tflops: PositiveFloat | None = None
+    """Dense peak TFLOP/s per device at the training precision; overrides the catalog."""
+    mfu: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    """Model FLOPs utilisation assumed for time estimates (share of the peak actually achieved)."""
+    usd_per_hour: Annotated[float, Field(ge=0.0)] | None = None
+    """Price per device-hour in US dollars; overrides the catalog."""
 
     @model_validator(mode="after")
     def _consistent(self) -> HardwareSection:

@@ -1,0 +1,117 @@
+"""Fit the activation coefficients of the analytical memory model to simulated training steps.
+
+    .venv/bin/python benchmarks/calibrate_activations.py [--write]
+
+For each family and precision, small models are stepped on fake tensors (`compiler.precise`:
+FakeTensorMode + MemTracker, the real transformers code) at two depths; the growth per layer,
+divided by the tokens in the batch, is the activation memory one layer saves per token. Varying
+the hidden size, the MLP width, the key/value width and the sequence length one at a time gives
+the coefficient of each. `--write` stores them in specs/estimates/activations.toml, which the
+compiler reads. Prints every fit and, last, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+warnings.filterwarnings("ignore")
+
+from compiler.catalog import ModelFacts  # noqa: E402
+from compiler.estimate import AUTOCAST_WEIGHT_COPY_BYTES  # noqa: E402
+from compiler.params import architecture, block_parameters  # noqa: E402
+from compiler.precise import simulate_step  # noqa: E402
+
+BATCH = 2
+OUT = REPO / "specs" / "estimates" / "activations.toml"
+
+
+def _llama(h: int, inter: int, kv_heads: int, layers: int) -> dict:
+    return {"model_type": "llama", "hidden_size": h, "intermediate_size": inter, "num_attention_heads": 4,
+            "num_key_value_heads": kv_heads, "num_hidden_layers": layers, "vocab_size": 512,
+            "max_position_embeddings": 8192, "tie_word_embeddings": True}
+
+
+def _gpt2(h: int, layers: int, dropout: float) -> dict:
+    return {"model_type": "gpt2", "n_embd": h, "n_layer": layers, "n_head": 4, "vocab_size": 512,
+            "n_positions": 1024, "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout,
+            "bos_token_id": 0, "eos_token_id": 0}
+
+
+def per_layer_token(make, seq_len: int, precision: str) -> float:
+    """Activation bytes one layer adds per token: (A(4 layers) - A(2 layers)) / 2 / tokens.
+
+    Under bf16 autocast each layer's weights are also cast once and kept for the backward pass
+    (2 bytes per parameter, not per token); that part is taken out first and modelled separately."""
+    a2 = simulate_step(make(2), micro_batch_size=BATCH, seq_len=seq_len, supervised_per_example=1, precision=precision)
+    a4 = simulate_step(make(4), micro_batch_size=BATCH, seq_len=seq_len, supervised_per_example=1, precision=precision)
+    per_layer = (a4.forward_activations_bytes - a2.forward_activations_bytes) / 2
+    if precision != "fp32":
+        config = make(1)
+        facts = ModelFacts(name="calibration", family=config["model_type"], config=config)
+        per_layer -= AUTOCAST_WEIGHT_COPY_BYTES * block_parameters(architecture(facts))
+    return per_layer / (BATCH * seq_len)
+
+
+def fit_llama(precision: str) -> dict[str, float]:
+    s = 128
+    base = per_layer_token(lambda n: _llama(128, 256, 4, n), s, precision)
+    wider = per_layer_token(lambda n: _llama(256, 256, 4, n), s, precision)  # h and kv width +128
+    mlp = per_layer_token(lambda n: _llama(128, 512, 4, n), s, precision)  # I +256
+    gqa = per_layer_token(lambda n: _llama(128, 256, 1, n), s, precision)  # kv width 128 -> 32
+    longer = per_layer_token(lambda n: _llama(128, 256, 4, n), 2 * s, precision)  # s +128
+    per_intermediate = (mlp - base) / 256
+    per_kv = (base - gqa) / 96
+    per_hidden = (wider - base) / 128 - per_kv
+    per_position = (longer - base) / s
+    constant = base - per_hidden * 128 - per_intermediate * 256 - per_kv * 128 - per_position * s
+    return {"per_hidden": per_hidden, "per_intermediate": per_intermediate, "per_kv": per_kv,
+            "per_position": per_position, "residual_bytes": constant}
+
+
+def fit_gpt2(precision: str) -> dict[str, float]:
+    s = 128
+    base = per_layer_token(lambda n: _gpt2(128, n, 0.0), s, precision)
+    wider = per_layer_token(lambda n: _gpt2(256, n, 0.0), s, precision)
+    longer = per_layer_token(lambda n: _gpt2(128, n, 0.0), 2 * s, precision)
+    dropped = per_layer_token(lambda n: _gpt2(128, n, 0.1), s, precision)
+    per_hidden = (wider - base) / 128  # the MLP (4h) is part of the hidden-size term for GPT-2
+    per_position = (longer - base) / s
+    return {"per_hidden": per_hidden, "per_intermediate": 0.0, "per_kv": 0.0, "per_position": per_position,
+            "dropout_per_hidden": (dropped - base) / 128,
+            "residual_bytes": base - per_hidden * 128 - per_position * s}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--write", action="store_true", help=f"write {OUT.relative_to(REPO)}")
+    args = parser.parse_args()
+    fits = {}
+    for precision in ("fp32", "bf16"):
+        fits[f"llama.{precision}"] = fit_llama(precision)
+        fits[f"gpt2.{precision}"] = fit_gpt2(precision)
+        for family in ("llama", "gpt2"):
+            print(family, precision, {k: round(v, 2) for k, v in fits[f"{family}.{precision}"].items()})
+    if args.write:
+        lines = ["# Activation bytes saved per token and per layer, fitted by benchmarks/calibrate_activations.py",
+                 "# from simulated training steps (FakeTensorMode + MemTracker, transformers' own code, SDPA",
+                 "# attention, CPU kernels). Regenerate with: python benchmarks/calibrate_activations.py --write",
+                 "# llama coefficients also serve mistral, qwen2 and chatglm (same block: RMSNorm, rotary, gated MLP).", ""]
+        for key, values in fits.items():
+            lines.append(f"[{key}]")
+            lines += [f"{name} = {round(value, 3)}" for name, value in values.items() if name != "residual_bytes"]
+            lines.append("")
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text("\n".join(lines), encoding="utf-8")
+        print(f"wrote {OUT}")
+    print(json.dumps({k: {n: round(v, 3) for n, v in f.items()} for k, f in fits.items()}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
