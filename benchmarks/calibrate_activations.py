@@ -43,6 +43,17 @@ def _gpt2(h: int, layers: int, dropout: float) -> dict:
             "bos_token_id": 0, "eos_token_id": 0}
 
 
+def outside_layers_token(make, seq_len: int, precision: str, per_layer: float, hidden: int) -> float:
+    """Bytes per token and per hidden unit saved outside the blocks (embeddings, final norm, head input)."""
+    a2 = simulate_step(make(2), micro_batch_size=BATCH, seq_len=seq_len, supervised_per_example=1, precision=precision)
+    measured = a2.forward_activations_bytes
+    if precision != "fp32":
+        config = make(1)
+        facts = ModelFacts(name="calibration", family=config["model_type"], config=config)
+        measured -= 2 * AUTOCAST_WEIGHT_COPY_BYTES * block_parameters(architecture(facts))
+    return (measured / (BATCH * seq_len) - 2 * per_layer) / hidden
+
+
 def per_layer_token(make, seq_len: int, precision: str) -> float:
     """Activation bytes one layer adds per token: (A(4 layers) - A(2 layers)) / 2 / tokens.
 
@@ -70,8 +81,9 @@ def fit_llama(precision: str) -> dict[str, float]:
     per_hidden = (wider - base) / 128 - per_kv
     per_position = (longer - base) / s
     constant = base - per_hidden * 128 - per_intermediate * 256 - per_kv * 128 - per_position * s
+    outside = outside_layers_token(lambda n: _llama(128, 256, 4, n), s, precision, base, 128)
     return {"per_hidden": per_hidden, "per_intermediate": per_intermediate, "per_kv": per_kv,
-            "per_position": per_position, "residual_bytes": constant}
+            "per_position": per_position, "outside_per_hidden": outside, "residual_bytes": constant}
 
 
 def fit_gpt2(precision: str) -> dict[str, float]:
@@ -82,8 +94,9 @@ def fit_gpt2(precision: str) -> dict[str, float]:
     dropped = per_layer_token(lambda n: _gpt2(128, n, 0.1), s, precision)
     per_hidden = (wider - base) / 128  # the MLP (4h) is part of the hidden-size term for GPT-2
     per_position = (longer - base) / s
+    outside = outside_layers_token(lambda n: _gpt2(128, n, 0.0), s, precision, base, 128)
     return {"per_hidden": per_hidden, "per_intermediate": 0.0, "per_kv": 0.0, "per_position": per_position,
-            "dropout_per_hidden": (dropped - base) / 128,
+            "dropout_per_hidden": (dropped - base) / 128, "outside_per_hidden": outside,
             "residual_bytes": base - per_hidden * 128 - per_position * s}
 
 

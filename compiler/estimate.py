@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from compiler.params import Architecture, block_parameters
+from compiler.params import Architecture
 
 GIB = 1024**3
 
@@ -81,6 +81,7 @@ class ActivationCoefficients:
     per_kv: float
     per_position: float = 0.0
     dropout_per_hidden: float = 0.0  # extra when dropout is on (masks and dropped copies)
+    outside_per_hidden: float = 0.0  # saved outside the blocks: embeddings, final norm, head input
 
 
 # Korthikanti et al. 2022 (arXiv:2205.05198, eq. 2) for a GPT block with 2-byte activations:
@@ -112,6 +113,7 @@ class TrainSetup:
     dropout: bool = False
     sequences_per_example: int = 1  # 2 for preference pairs (chosen and rejected in one step)
     frozen_model_parameters: tuple[int, ...] = ()  # other models held frozen (reference, reward)
+    master_weights: bool = True  # False: "pure" half precision, weights, gradients and optimizer state in bf16
     coefficients: dict[str, ActivationCoefficients] = field(default_factory=dict)  # by precision
 
 
@@ -131,8 +133,8 @@ def activation_bytes(a: Architecture, st: TrainSetup) -> int:
         per_model = tokens * (a.layers * a.hidden * _WORKING_BYTES[st.precision] + per_token_layer)
     else:
         per_model = tokens * a.layers * per_token_layer
-    if st.precision != "fp32" and st.coefficients:  # autocast's weight copies (calibrated models only)
-        per_model += AUTOCAST_WEIGHT_COPY_BYTES * block_parameters(a) * (1 if st.gradient_checkpointing else a.layers)
+    per_model += tokens * c.outside_per_hidden * a.hidden
+    # (autocast's half-precision copies of fp32 weights are the working copies counted in the weights)
     return int(per_model)
 
 
@@ -148,12 +150,15 @@ def train_memory(a: Architecture, setup: TrainSetup) -> MemoryEstimate:
     st = setup
     frozen = st.total_parameters - st.trainable_parameters
     frozen_bytes = frozen * (_QUANTIZED_BYTES.get(st.quantization) or _WORKING_BYTES[st.precision])
-    weights = frozen_bytes + st.trainable_parameters * (_WORKING_BYTES[st.precision] + _MASTER_BYTES[st.precision])
-    gradients = st.trainable_parameters * _GRAD_BYTES[st.precision]
+    pure = not st.master_weights and st.precision != "fp32"
+    master = 0 if pure else _MASTER_BYTES[st.precision]
+    weights = frozen_bytes + st.trainable_parameters * (_WORKING_BYTES[st.precision] + master)
+    gradients = st.trainable_parameters * (_WORKING_BYTES[st.precision] if pure else _GRAD_BYTES[st.precision])
     if st.optimizer == "adafactor":
         optimizer = st.trainable_parameters * 4 // max(1, a.hidden)
     else:
-        optimizer = st.trainable_parameters * _OPTIMIZER_BYTES[st.optimizer]
+        # optimizer state takes the parameters' dtype: half of fp32's size in pure half precision
+        optimizer = st.trainable_parameters * _OPTIMIZER_BYTES[st.optimizer] // (2 if pure and st.optimizer != "adamw_8bit" else 1)
     world = max(1, st.world_size)
     if st.zero_stage >= 1:
         optimizer //= world
