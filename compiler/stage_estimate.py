@@ -24,9 +24,7 @@ from compiler.params import Architecture, lora_parameters, parameters
 from compiler.recipe import (
     DpoStage,
     FullAdapter,
-    LoraAdapter,
     PpoStage,
-    PrefixAdapter,
     PretrainedModel,
     Recipe,
     RewardStage,
@@ -168,36 +166,64 @@ def _stage_flops(arch: Architecture, stage: Stage, non_embedding: int, trainable
 
 
 def _suggestions(arch: Architecture, setup: TrainSetup, t, device: DeviceFacts, adapter) -> tuple[Suggestion, ...]:
-    """Changes that lower the peak, each re-estimated, fitting ones first and cheapest first."""
+    """Changes that lower the peak, each re-estimated, fitting ones first (cheapest first); when no
+    single change fits, the smallest combination that does, built greedily."""
     limit = device.memory_gib * GIB
-    out: list[Suggestion] = []
+    candidates = _candidate_changes(arch, setup, adapter, limit)
+    out = [Suggestion(change, train_memory(arch, new), False, factor) for change, new, factor in candidates]
+    out = [replace(s, fits=s.memory.peak_bytes <= limit) for s in out]
+    if out and not any(s.fits for s in out):
+        combined = _combine(arch, setup, adapter, limit)
+        if combined is not None:
+            out.append(combined)
+    return tuple(sorted(out, key=lambda s: (not s.fits, s.time_factor if s.fits else s.memory.peak_bytes)))
 
-    def add(change: str, new: TrainSetup, factor: float) -> None:
-        memory = train_memory(arch, new)
-        out.append(Suggestion(change, memory, memory.peak_bytes <= limit, factor))
 
+def _candidate_changes(arch: Architecture, setup: TrainSetup, adapter, limit: float) -> list[tuple[str, TrainSetup, float]]:
+    out: list[tuple[str, TrainSetup, float]] = []
     micro = setup.micro_batch_size
     while micro > 1:
         micro //= 2
         accum = setup.grad_accum * setup.micro_batch_size // micro
         candidate = replace(setup, micro_batch_size=micro, grad_accum=accum)
         if train_memory(arch, candidate).peak_bytes <= limit or micro == 1:
-            add(f"micro_batch_size = {micro}, grad_accum = {accum} (same global batch)", candidate,
-                _TIME_FACTOR["micro_batch"])
+            out.append((f"micro_batch_size = {micro}, grad_accum = {accum} (same global batch)", candidate,
+                        _TIME_FACTOR["micro_batch"]))
             break
     if not setup.gradient_checkpointing:
-        add("hardware.gradient_checkpointing = true", replace(setup, gradient_checkpointing=True),
-            _TIME_FACTOR["checkpointing"])
+        out.append(("hardware.gradient_checkpointing = true", replace(setup, gradient_checkpointing=True),
+                    _TIME_FACTOR["checkpointing"]))
     if setup.world_size > 1 and setup.zero_stage < 3:
         for stage in range(setup.zero_stage + 1, 4):
-            add(f"hardware.zero_stage = {stage}", replace(setup, zero_stage=stage), _TIME_FACTOR["zero"])
+            out.append((f"hardware.zero_stage = {stage}", replace(setup, zero_stage=stage), _TIME_FACTOR["zero"]))
     if not setup.offload_optimizer:
-        add("hardware.zero_stage >= 1 with offload_optimizer = true",
-            replace(setup, zero_stage=max(1, setup.zero_stage), offload_optimizer=True), _TIME_FACTOR["offload"])
-    if isinstance(adapter, FullAdapter):
-        trainable = lora_parameters(arch, 16, "all-linear")
-        add('[adapter] kind = "lora", rank = 16, targets = "all-linear"',
-            replace(setup, trainable_parameters=trainable), _TIME_FACTOR["lora"])
-    if isinstance(adapter, (LoraAdapter, PrefixAdapter)) and setup.quantization == "none" and setup.device == "cuda":
-        add('model.quantization = "4bit" (QLoRA)', replace(setup, quantization="4bit"), _TIME_FACTOR["quantization"])
-    return tuple(sorted(out, key=lambda s: (not s.fits, s.time_factor, s.memory.peak_bytes)))
+        out.append(("hardware.zero_stage >= 1 with offload_optimizer = true",
+                    replace(setup, zero_stage=max(1, setup.zero_stage), offload_optimizer=True), _TIME_FACTOR["offload"]))
+    if isinstance(adapter, FullAdapter) and setup.trainable_parameters == setup.total_parameters:
+        out.append(('[adapter] kind = "lora", rank = 16, targets = "all-linear"',
+                    replace(setup, trainable_parameters=lora_parameters(arch, 16, "all-linear")), _TIME_FACTOR["lora"]))
+    if setup.trainable_parameters < setup.total_parameters and setup.quantization == "none" and setup.device == "cuda":
+        out.append(('model.quantization = "4bit" (QLoRA)', replace(setup, quantization="4bit"),
+                    _TIME_FACTOR["quantization"]))
+    return out
+
+
+def _combine(arch: Architecture, setup: TrainSetup, adapter, limit: float) -> Suggestion | None:
+    """Apply the change that lowers the peak most, then again from there, until it fits."""
+    names: list[str] = []
+    factor = 1.0
+    current = setup
+    for _ in range(6):
+        options = _candidate_changes(arch, current, adapter, limit)
+        if not options:
+            return None
+        change, new, f = min(options, key=lambda o: train_memory(arch, o[1]).peak_bytes)
+        if train_memory(arch, new).peak_bytes >= train_memory(arch, current).peak_bytes:
+            return None
+        names.append(change)
+        factor *= f
+        current = new
+        memory = train_memory(arch, current)
+        if memory.peak_bytes <= limit:
+            return Suggestion("together: " + "; ".join(names), memory, True, round(factor, 2))
+    return None
