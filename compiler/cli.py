@@ -65,6 +65,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     build = compile_recipe(Path(args.recipe), _overrides(args))
     sys.stdout.write(build.files["plan.json" if args.json else "plan.md"].decode())
+    if args.precise:
+        from compiler.precise_check import precise_report
+
+        sys.stdout.write(precise_report(build))
     return EXIT_OK
 
 
@@ -224,6 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="compile in memory and print the plan")
     p.add_argument("recipe", metavar="RECIPE")
     p.add_argument("--json", action="store_true", help="print plan.json instead of plan.md")
+    p.add_argument("--precise", action="store_true",
+                   help="also simulate one step of each stage on fake tensors and compare the memory estimates")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=_cmd_plan)
 

@@ -61,3 +61,14 @@ def test_simulated_step_reports_parameters_and_optimizer_state_exactly() -> None
     assert result.parameters_bytes == 4 * n + 2 * 16 * 4
     assert result.gradients_bytes == 4 * n  # one fp32 gradient per weight, all alive after backward
     assert result.optimizer_bytes >= 8 * n  # AdamW: two fp32 moments (plus step counters, temporaries)
+
+
+def test_plan_precise_puts_a_simulated_step_beside_the_estimate(tmp_path) -> None:
+    from tests.conftest import base_recipe, run_cli, write_json_recipe
+
+    path = write_json_recipe(tmp_path, base_recipe())
+    result = run_cli("plan", str(path), "--precise", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    row = [line for line in result.stdout.splitlines() if line.startswith("| sft |")][-1]
+    analytical, simulated = (float(x) for x in row.split("|")[2:4])
+    assert abs(analytical - simulated) / simulated < 0.15
