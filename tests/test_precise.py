@@ -66,7 +66,9 @@ def test_simulated_step_reports_parameters_and_optimizer_state_exactly() -> None
 def test_plan_precise_puts_a_simulated_step_beside_the_estimate(tmp_path) -> None:
     from tests.conftest import base_recipe, run_cli, write_json_recipe
 
-    path = write_json_recipe(tmp_path, base_recipe())
+    # a model big enough that weights, optimizer state and activations, not fixed costs, set the peak
+    recipe = base_recipe(model={"n_embd": 128, "n_layer": 4, "n_head": 4}, train={"micro_batch_size": 64})
+    path = write_json_recipe(tmp_path, recipe)
     result = run_cli("plan", str(path), "--precise", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     row = [line for line in result.stdout.splitlines() if line.startswith("| sft |")][-1]
