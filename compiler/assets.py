@@ -27,20 +27,18 @@ import io
 import json
 import os
 import re
-import shlex
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
 import tomllib
-import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from compiler.paths import specs_dir
+
+if TYPE_CHECKING:  # archives and downloads are opened only when fetching
+    import tarfile
+    import zipfile
 
 DISTS = ("sdist", "wheel", "npm")
 _MARKER = "source.json"
@@ -265,6 +263,8 @@ def _locked(lock_path: Path) -> Iterator[None]:
 
 def _fetch_into(spec: AssetSpec, directory: Path) -> None:
     """Download, verify and unpack `spec` into `directory`. Caller holds the lock."""
+    import tempfile
+
     _remove_leftovers(directory)
     with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX, dir=directory) as tmp:
         archive = _download(spec, Path(tmp))
@@ -293,6 +293,8 @@ def _fetch_into(spec: AssetSpec, directory: Path) -> None:
 
 def _remove_leftovers(directory: Path) -> None:
     """Delete temp files of a fetch that was killed; safe because the caller holds the lock."""
+    import shutil
+
     for leftover in directory.glob(_TMP_PREFIX + "*"):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -313,6 +315,9 @@ def _download_command(spec: AssetSpec, dest_dir: Path) -> list[str]:
 
 def _download(spec: AssetSpec, dest_dir: Path) -> Path:
     """Download the pinned archive of `spec` into the empty folder `dest_dir`; returns its path."""
+    import shlex
+    import subprocess
+
     command = _download_command(spec, dest_dir)
     try:
         result = subprocess.run(command, cwd=dest_dir, capture_output=True, text=True, check=False)
@@ -424,6 +429,9 @@ def _strip_dot_slash(name: str) -> str:
 @contextlib.contextmanager
 def _open_archive(spec: AssetSpec, display_name: str, stream: IO[bytes]) -> Iterator[_Archive]:
     """Open `stream` as the archive type its name says; display_name is used in messages."""
+    import tarfile
+    import zipfile
+
     lower = display_name.lower()
     if not lower.endswith(_TAR_SUFFIXES + _ZIP_SUFFIXES):
         raise AssetError(
@@ -446,6 +454,8 @@ def _open_archive(spec: AssetSpec, display_name: str, stream: IO[bytes]) -> Iter
 
 def _write_atomically(target: Path, stream: IO[bytes]) -> str:
     """Copy `stream` to `target` via a synced temp file and rename; returns the content's sha256."""
+    import tempfile
+
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
     try:
