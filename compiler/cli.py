@@ -72,6 +72,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from compiler.build import compile_recipe
+    from compiler.check import budget_violations
+    from compiler.loader import load_recipe
+
+    overrides = _overrides(args)
+    build = compile_recipe(Path(args.recipe), overrides)
+    violations = budget_violations(load_recipe(Path(args.recipe), overrides), build.plan)
+    if violations:
+        print(render_all(violations), file=sys.stderr)
+        return EXIT_USER
+    print(f"ok: {args.recipe}: {build.plan['summary']}")
+    return EXIT_OK
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     from compiler.schema import recipe_json_schema
 
@@ -232,6 +247,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="also simulate one step of each stage on fake tensors and compare the memory estimates")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("check", help="compile in memory and fail when the plan exceeds [budget] or a device")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("schema", help="print the recipe JSON Schema (for editors and CI)")
     p.add_argument("--out", metavar="FILE", help="write it to FILE instead of stdout")
