@@ -19,6 +19,7 @@ from compiler.assets import AssetError, AssetSpec, load_catalog
 from compiler.catalog import ModelFacts
 from compiler.checks import Context, model_facts, resolve_data_path, tokenizer_format
 from compiler.diagnostics import Diagnostic, RecipeError
+from compiler.launch import ds_config_files, render_launch, render_slurm
 from compiler.loader import LoadedRecipe, display_path
 from compiler.overrides import Override
 from compiler.params import (
@@ -117,7 +118,10 @@ def compile_recipe(path: Path, overrides: Sequence[Override] = ()) -> Build:
     )
     files["plan.json"] = (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode()
     files["plan.md"] = plan_module.render_markdown(plan).encode()
-    files["launch.sh"] = plan_module.render_launch(config, display_path(loaded.path)).encode()
+    recipe_file = Path(display_path(loaded.path)).as_posix()
+    files["launch.sh"] = render_launch(config, recipe, recipe_file).encode()
+    files["job.slurm"] = render_slurm(config, recipe, recipe_file).encode()
+    files.update(ds_config_files(config))
     files[MANIFEST_FILE] = _manifest(loaded, files, prepared).encode()
     return Build(name=recipe.name, files=files, plan=plan, warnings=tuple(warnings))
 
@@ -384,6 +388,22 @@ def _estimate(loaded: LoadedRecipe, arch: Architecture, family: str, stage: Stag
     )
 
 
+_VERSIONED = ("recipe", "torch", "transformers", "peft", "deepspeed", "datasets", "tokenizers")
+
+
+def _versions() -> dict[str, str | None]:
+    """Installed versions of the packages a run depends on (read from metadata; nothing imported)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -397,6 +417,7 @@ def _manifest(loaded: LoadedRecipe, files: dict[str, bytes], prepared: dict[str,
         }
     manifest = {
         "schema_version": SCHEMA_VERSION,
+        "versions": _versions(),
         "recipe": {"file": Path(display_path(loaded.path)).as_posix(), "sha256": _sha256(loaded.text.encode())},
         "data": data,
         "files": {rel: _sha256(content) for rel, content in sorted(files.items())},

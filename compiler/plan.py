@@ -288,7 +288,3 @@ def _environment() -> jinja2.Environment:
 def render_markdown(plan: dict[str, Any]) -> str:
     """plan.md is a pure function of plan.json."""
     return _environment().get_template("plan.md.j2").render(plan=plan)
-
-
-def render_launch(config: RuntimeConfig, recipe_file: str) -> str:
-    return _environment().get_template("launch.sh.j2").render(config=config, recipe_file=recipe_file)

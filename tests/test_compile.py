@@ -23,7 +23,8 @@ def test_compiling_twice_is_byte_identical(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
     a, b = _tree(first), _tree(second)
     assert set(a) == {
-        "data/tweets/heldout.jsonl", "data/tweets/train.jsonl", "launch.sh", "manifest.json", "plan.json", "plan.md",
+        "data/tweets/heldout.jsonl", "data/tweets/train.jsonl", "ds_config.json", "job.slurm", "launch.sh",
+        "manifest.json", "plan.json", "plan.md",
         "runtime.json", "tokenizer/tokenizer.json",
     }
     assert a == b
