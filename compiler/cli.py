@@ -87,6 +87,53 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from compiler.build import compile_recipe
+    from compiler.diff import plan_changes, render_markdown, render_text, setting_changes
+    from compiler.loader import parse_document
+
+    after_path = Path(args.recipe)
+    if (args.other is None) == (args.against is None):
+        raise RecipeError.single("give a second recipe, or --against REV (a git revision), to compare with",
+                                 help="recipe diff specs/examples/a.toml specs/examples/b.toml, or "
+                                 "recipe diff specs/examples/a.toml --against origin/main")
+    temporary = None
+    try:
+        if args.other is not None:
+            before_path, after_path = after_path, Path(args.other)
+        else:
+            temporary = _recipe_at_revision(after_path, args.against)
+            before_path = temporary
+        before_build, after_build = compile_recipe(before_path), compile_recipe(after_path)
+        settings = setting_changes(parse_document(before_path)[0], parse_document(after_path)[0])
+    finally:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+    figures = plan_changes(before_build.plan, after_build.plan)
+    render = render_markdown if args.markdown else render_text
+    sys.stdout.write(render(settings, figures, before_build.plan["summary"], after_build.plan["summary"]))
+    return EXIT_OK
+
+
+def _recipe_at_revision(path: Path, revision: str) -> Path:
+    """The recipe as it was at a git revision, written beside the current one (so relative paths
+    in it resolve the same way); the caller deletes it."""
+    if not path.is_file():
+        raise RecipeError.single(f"recipe file {path} not found")
+    folder = path.resolve().parent
+    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=folder, capture_output=True, text=True)
+    if top.returncode != 0:
+        raise RecipeError.single(f"{path} is not in a git repository, so --against {revision} has nothing to read")
+    relative = path.resolve().relative_to(Path(top.stdout.strip())).as_posix()
+    shown = subprocess.run(["git", "show", f"{revision}:{relative}"], cwd=folder, capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise RecipeError.single(f"cannot read {relative} at {revision}: {shown.stderr.strip()}",
+                                 help="check the revision name, e.g. origin/main (git fetch first)")
+    target = folder / f".{path.stem}.at-revision{path.suffix}"
+    target.write_text(shown.stdout, encoding="utf-8")
+    return target
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     from compiler.schema import recipe_json_schema
 
@@ -247,6 +294,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="also simulate one step of each stage on fake tensors and compare the memory estimates")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("diff", help="what a recipe change does to the plan (+ added, - removed, ~ changed)")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("other", nargs="?", metavar="OTHER", help="the changed recipe (RECIPE is then the old one)")
+    p.add_argument("--against", metavar="REV", help="compare RECIPE with itself at a git revision, e.g. origin/main")
+    p.add_argument("--markdown", action="store_true", help="a markdown table for a pull-request comment")
+    p.set_defaults(func=_cmd_diff)
 
     p = sub.add_parser("check", help="compile in memory and fail when the plan exceeds [budget] or a device")
     p.add_argument("recipe", metavar="RECIPE")
