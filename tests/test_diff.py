@@ -59,3 +59,16 @@ def test_diff_against_a_git_revision(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".r.at-revision*"))  # the old version is not left behind
     bad = run_cli("diff", "r.json", "--against", "no-such-rev", cwd=tmp_path)
     assert bad.returncode == 1 and "cannot read r.json at no-such-rev" in bad.stderr
+
+
+def test_the_shipped_hook_and_workflow_run_the_review_commands() -> None:
+    import yaml
+
+    from tests.conftest import REPO
+
+    hooks = {h["id"]: h for h in yaml.safe_load((REPO / ".pre-commit-hooks.yaml").read_text())}
+    assert hooks["recipe-check"]["entry"] == "recipe check"
+    assert hooks["recipe-validate"]["entry"] == "recipe validate"
+    workflow = yaml.safe_load((REPO / "examples" / "ci" / "recipe-review.yml").read_text())
+    steps = "\n".join(step.get("run", "") for step in workflow["jobs"]["review"]["steps"])
+    assert "recipe check" in steps and "recipe diff" in steps and "--markdown" in steps
