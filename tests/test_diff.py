@@ -72,3 +72,30 @@ def test_the_shipped_hook_and_workflow_run_the_review_commands() -> None:
     workflow = yaml.safe_load((REPO / "examples" / "ci" / "recipe-review.yml").read_text())
     steps = "\n".join(step.get("run", "") for step in workflow["jobs"]["review"]["steps"])
     assert "recipe check" in steps and "recipe diff" in steps and "--markdown" in steps
+
+
+def test_lora_rank_8_vs_64_shows_the_predicted_memory_and_cost_deltas(tmp_path: Path) -> None:
+    import tomllib
+
+    from compiler.build import compile_recipe
+    from tests.conftest import REPO
+
+    (tmp_path / "data").symlink_to(REPO / "specs" / "examples" / "data")
+    base = tomllib.loads((REPO / "specs" / "examples" / "qwen2-7b-lora.toml").read_text())
+    paths = {}
+    for rank in (8, 64):
+        recipe = json.loads(json.dumps(base))
+        recipe["adapter"]["rank"] = rank
+        paths[rank] = write_json_recipe(tmp_path, recipe, f"r{rank}.json")
+    plans = {rank: compile_recipe(path).plan for rank, path in paths.items()}
+    out = run_cli("diff", "r8.json", "r64.json", cwd=tmp_path).stdout
+    # q_proj 3584 -> 3584 and v_proj 3584 -> 512 in 28 layers: (64 - 8) x 28 x (7168 + 4096) more parameters
+    assert f"~ sft: trainable params: 2,523,136 -> 20,185,088  +{56 * 28 * 11264:,} (+700.0%)" in out
+    before, after = (plans[r]["stages"][0] for r in (8, 64))
+    for label, key in (("peak memory", "peak_gib"), ("headroom", "headroom_gib")):
+        a, b = before["memory"][key], after["memory"][key]
+        assert f"~ sft: {label}: {a:,.3f}".rstrip("0").rstrip(".") in out
+        assert f"{b:,.3f}".rstrip("0").rstrip(".") in out
+    cost_before, cost_after = before["compute"]["cost_usd"], after["compute"]["cost_usd"]
+    # a cost line appears exactly when the estimator's cost moved (LoRA's extra FLOPs are small)
+    assert ("~ sft: cost:" in out) == (cost_before != cost_after)
