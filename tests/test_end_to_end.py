@@ -98,3 +98,31 @@ def test_run_refuses_a_build_edited_after_compile(tmp_path: Path) -> None:
     assert "runtime.json" in result.stderr and "changed after compile" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (build / "model").exists() and not (build / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_through_the_emitted_launch(tmp_path: Path) -> None:
+    """2 "nodes" x 1 process: the emitted launch.sh on each, c10d rendezvous on 127.0.0.1."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    recipe = base_recipe(name="two-nodes", hardware={"device": "cpu", "nodes": 2, "nproc_per_node": 1},
+                         train={"epochs": 2, "micro_batch_size": 2, "learning_rate": 1e-2, "log_every_steps": 1})
+    path = write_json_recipe(tmp_path, recipe)
+    build = tmp_path / "build"
+    assert run_cli("compile", str(path), "--out", str(build), cwd=tmp_path).returncode == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHON": sys.executable, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    nodes = [subprocess.Popen(["bash", str(build / "launch.sh")], env={**env, "NODE_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    metrics = _read_jsonl(build / "metrics.jsonl")
+    # 7 training rows in batches of 2 -> 4 batches, 2 per node: 2 steps per epoch, 2 epochs
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert (build / "model" / "config.json").is_file()
+    assert json.loads((build / "eval.json").read_text())["n"] == 3
