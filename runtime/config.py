@@ -160,34 +160,24 @@ def unsupported(config: RuntimeConfig) -> list[str]:
     The recipe language is ahead of the runtime: a build may ask for features that are planned
     (and priced) but not trained yet. Refusing them by name beats silently ignoring them."""
     out = []
-    if config.model.init != "scratch" or config.model.family != "gpt2":
-        out.append('training starts only from a GPT-2 model initialised from scratch (init = "scratch")')
-    hw = config.hardware
+    model, hw = config.model, config.hardware
+    if model.quantization != "none":
+        out.append(f"{model.quantization} quantized base weights are not wired in yet (model.quantization)")
     if hw.zero_stage or hw.offload_optimizer or hw.offload_params:
         out.append("DeepSpeed ZeRO and offload are not wired in yet (hardware.zero_stage = 0)")
-    if hw.gradient_checkpointing:
-        out.append("gradient checkpointing is not wired in yet")
-    if hw.attention != "sdpa":
-        out.append(f'attention = "{hw.attention}" is not wired in yet (sdpa is)')
+    if hw.attention == "flash_attention_2" and hw.device != "cuda":
+        out.append('attention = "flash_attention_2" needs hardware.device = "cuda"')
     for stage in config.stages:
         where = f'stage "{stage.name}"'
-        if stage.kind != "sft":
-            out.append(f"{where} is {stage.kind}; this runtime trains sft stages")
-        if stage.adapter.kind != "full":
-            out.append(f"{where} uses a {stage.adapter.kind} adapter; this runtime trains all weights")
-        if stage.optimizer != "adamw":
-            out.append(f"{where} asks for optimizer {stage.optimizer}; this runtime uses adamw")
+        if stage.kind not in ("sft", "pretrain"):
+            out.append(f"{where} is {stage.kind}; this runtime trains pretrain and sft stages")
+        if stage.optimizer == "adamw_8bit":
+            out.append(f"{where} asks for adamw_8bit (bitsandbytes); this runtime has adamw, sgd and adafactor")
         if stage.packing:
-            out.append(f"{where} asks for packing; this runtime batches by length instead")
-        if stage.save_every_steps is not None:
-            out.append(f"{where} asks for checkpoints every {stage.save_every_steps} steps; this runtime saves at the end")
+            out.append(f"{where} asks for packing; this runtime batches by length instead (set packing = false)")
         data = config.data[stage.data]
         if not data.tokenized:
-            out.append(f'data set "{stage.data}" was not tokenized at compile time')
-        elif data.template.chat is not None:
-            out.append(f'data set "{stage.data}" is rendered with a chat template; this runtime trains prompt/completion data')
-    if config.eval is not None and config.eval.kind != "classification":
-        out.append("the eval measures classification only")
+            out.append(f'data set "{stage.data}" was not tokenized at compile time (the tokenizer was not available)')
     return out
 
 

@@ -24,6 +24,52 @@ class Encoded:
         return len(self.prompt) + len(self.completion)
 
 
+@dataclass(frozen=True)
+class TrainRow:
+    """One training sequence: token ids and their labels (IGNORE_INDEX where nothing is supervised)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    line: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def read_training_rows(path: Path, *, supervise_prompt: bool = False) -> list[TrainRow]:
+    """The build's training file as sequences with labels.
+
+    Prompt/completion records supervise the completion (and the prompt too with
+    `supervise_prompt`, for `loss = "all"` and pretraining); chat records carry their own labels,
+    computed at compile time from the chat template and the template's `loss` setting."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            record = json.loads(raw)
+            if "input_ids" in record:
+                ids, labels = tuple(record["input_ids"]), tuple(record["labels"])
+            else:
+                prompt, completion = tuple(record["prompt"]), tuple(record["completion"])
+                ids = prompt + completion
+                labels = ids if supervise_prompt else (IGNORE_INDEX,) * len(prompt) + completion
+            out.append(TrainRow(ids, labels, record["line"]))
+    return out
+
+
+def collate_rows(rows: Sequence[TrainRow], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, attention mask and labels (padding is never supervised)."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r)
+        input_ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 def read_examples(path: Path) -> list[Encoded]:
     out = []
     with open(path, encoding="utf-8") as f:

@@ -1,14 +1,28 @@
-"""Model construction and the completion-only loss."""
+"""Model construction: scratch or pretrained weights, the planned adapter, and the token loss.
+
+Everything here is transformers + peft: a scratch GPT-2 is transformers' own implementation, a
+pretrained model is whatever `AutoModelForCausalLM` loads, adapters are peft's (LoRA, prefix
+tuning / P-tuning v2) or plain `requires_grad` switches (freeze).
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from runtime.config import ModelSpec
+from runtime.config import AdapterSpec, HardwareSpec, ModelSpec
 from runtime.data import IGNORE_INDEX
+
+
+class ModelLoadError(Exception):
+    """The planned weights cannot be loaded; the message says which and how to fix it."""
 
 
 def build_model(spec: ModelSpec) -> GPT2LMHeadModel:
@@ -32,26 +46,187 @@ def build_model(spec: ModelSpec) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-class CompletionLoss(nn.Module):
-    """Cross-entropy on supervised positions only.
+def load_model(spec: ModelSpec, hardware: HardwareSpec) -> PreTrainedModel:
+    """The stage's starting model: scratch, or pretrained weights from a path, an asset or the hub.
 
-    The LM head (n_embd x vocab, by far the largest matmul for small models) is applied only to
+    Weights stay fp32; mixed precision comes from autocast, so optimizer state and master weights
+    match what the estimator assumed."""
+    if spec.init == "scratch":
+        model = build_model(spec)
+    else:
+        weights = spec.weights
+        if weights is None:
+            raise ModelLoadError("the build has a pretrained model without weights; recompile the recipe")
+        source, kwargs = _weights_source(weights)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, trust_remote_code=spec.trust_remote_code, dtype=torch.float32,
+                attn_implementation=hardware.attention, **kwargs,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load pretrained weights from {source}: {exc}") from exc
+    model.config._attn_implementation = hardware.attention
+    if hardware.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def _weights_source(weights) -> tuple[str, dict]:
+    if weights.path:
+        path = Path(weights.path)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model.path {weights.path} has no config.json (resolved from {os.getcwd()}); "
+                "run from the directory you compiled in, or point model.path at a checkpoint folder"
+            )
+        return str(path), {}
+    if weights.asset:
+        return str(converted_asset(weights.asset)), {}
+    kwargs = {"revision": weights.revision} if weights.revision else {}
+    return weights.hub, kwargs
+
+
+def converted_asset(name: str) -> Path:
+    """A pinned GGUF checkpoint, dequantised once into a safetensors folder in the asset cache.
+
+    Loading the GGUF through transformers takes tens of seconds; the converted folder reloads in
+    about one. The conversion is written to a temporary folder and renamed, under the asset lock,
+    so concurrent runs neither repeat nor corrupt it."""
+    from compiler.assets import AssetError, asset_path, cache_dir, load_catalog
+
+    catalog = load_catalog()
+    if name not in catalog:
+        raise ModelLoadError(f"unknown model asset {name!r}; known: {', '.join(sorted(catalog))}")
+    spec = catalog[name]
+    folder = cache_dir() / "derived" / f"model-gguf-{spec.sha256[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        gguf = asset_path(spec)
+    except AssetError as exc:
+        raise ModelLoadError(str(exc)) from None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.save_pretrained(tmp, safe_serialization=True)
+    config_path = tmp / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)  # the saved weights are plain fp32 now
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first; its folder is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters
+
+
+def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's list of decoder blocks (`transformer.h` for GPT-2, `model.layers` for Llama)."""
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
+
+
+def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec) -> nn.Module:
+    """Make exactly the planned parameters trainable; returns the model to train (peft-wrapped or not)."""
+    p = adapter.params
+    if adapter.kind == "full":
+        return model
+    if adapter.kind == "freeze":
+        model.requires_grad_(False)
+        blocks = transformer_blocks(model)
+        chosen = p["trainable_layers"]
+        indices = range(len(blocks) - chosen, len(blocks)) if isinstance(chosen, int) else sorted(set(chosen))
+        for i in indices:
+            block = blocks[i]
+            if p.get("trainable_modules"):
+                for name, module in block.named_modules():
+                    if name.split(".")[-1] in p["trainable_modules"]:
+                        module.requires_grad_(True)
+            else:
+                block.requires_grad_(True)
+        if p.get("train_embeddings"):
+            model.get_input_embeddings().requires_grad_(True)
+            position = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2 learned positions
+            if position is not None:
+                position.requires_grad_(True)
+        return model
+    from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+
+    if adapter.kind == "lora":
+        config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=p["rank"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
+            target_modules=p["targets"], bias=p["bias"], use_rslora=p["rslora"],
+            fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores Conv1D weights transposed
+        )
+    elif adapter.kind == "prefix":
+        config = PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p["num_virtual_tokens"],
+            prefix_projection=p["projection"],
+            encoder_hidden_size=p.get("projection_hidden_size") or model.config.hidden_size,
+        )
+    else:
+        raise ValueError(f"unknown adapter kind {adapter.kind!r}")
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts; tied weights counted once."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return total, trainable
+
+
+def hf_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (LoRA layers are injected into it in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class TokenLoss(nn.Module):
+    """Cross-entropy on supervised positions only, returned as (sum of token losses, token count).
+
+    The LM head (hidden x vocab, by far the largest matmul for small models) is applied only to
     the hidden states whose next token is supervised, instead of to every position: for a
-    one-token label that is 1 row per example instead of ~50.
-    """
+    one-token label that is 1 row per example instead of ~50. Prefix tuning's trained key/value
+    prefixes are passed to the decoder as its past, exactly as peft's own forward does."""
 
-    def __init__(self, model: GPT2LMHeadModel):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        inner = hf_model(model)
+        self._body = inner.base_model
+        self._head = inner.get_output_embeddings()
+        config = getattr(model, "active_peft_config", None)
+        self._prefix = config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (sum of token losses, number of supervised tokens)."""
-        hidden = self.model.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        kwargs: dict = {"use_cache": False}
+        if self._prefix:
+            batch = input_ids.shape[0]
+            prefix_mask = attention_mask.new_ones(batch, self._prefix)
+            attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
+            kwargs = {"past_key_values": self.model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self._prefix)}
+        hidden = self._body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = hidden.last_hidden_state
         targets = labels[:, 1:]  # position t predicts token t+1
         supervised = targets != IGNORE_INDEX  # [batch, seq-1]
-        selected = hidden[:, :-1][supervised]  # [n_supervised, n_embd]
-        logits = self.model.lm_head(selected).float()  # [n_supervised, vocab]
+        selected = hidden[:, :-1][supervised]  # [n_supervised, hidden]
+        logits = self._head(selected).float()  # [n_supervised, vocab]
         loss_sum = F.cross_entropy(logits, targets[supervised], reduction="sum")
         return loss_sum, supervised.sum()

@@ -11,7 +11,7 @@ import torch
 from runtime.config import IncompatibleBuildError, ModelSpec, load_runtime_config
 from runtime.data import IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, length_grouped_batches
 from runtime.evaluate import classification_report, extract_label
-from runtime.model import CompletionLoss, build_model
+from runtime.model import TokenLoss, build_model
 
 
 def _examples() -> list[Encoded]:
@@ -61,7 +61,7 @@ def test_completion_loss_equals_the_full_model_loss() -> None:
                      quantization="none", vocab_size=50, n_positions=16, eos_token_id=0, pad_token_id=0)
     model = build_model(spec).eval()
     batch = collate_for_training(_examples(), pad_id=0)
-    loss_sum, n = CompletionLoss(model)(**batch)
+    loss_sum, n = TokenLoss(model)(**batch)
     # Independent reference: transformers computes the shifted loss over all positions itself.
     reference = model(**batch).loss
     assert int(n) == 4

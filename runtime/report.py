@@ -1,0 +1,477 @@
+"""The run report: what the plan predicted beside what the run measured.
+
+Reads a trained build directory (`plan.json`, `train_report.json`, `metrics.jsonl` and, when
+present, `eval.json`) and writes `run_report.json`, `run_report.md` rendered from it, and
+`loss.png`. `python -m runtime.report BUILD_DIR` regenerates them.
+
+Per stage, each quantity is `{"planned", "actual", "ratio"}` with ratio = actual / planned:
+
+- `peak_memory_gib`: the plan's `memory.peak_gib` per device against the peak torch allocated on
+  the GPU, or on CPU the process's resident set (RSS), which also holds the Python and torch
+  runtime the plan does not count, so that ratio is indicative only (`measured` names the basis).
+- `wall_s`: the plan's `compute.wall_s` against the stage's measured wall time.
+- `tokens_per_s`: planned = the plan's `train_tokens` (non-pad tokens the stage processes,
+  tokens per epoch x epochs) / `compute.wall_s`, both as plan.json shows them; actual = the
+  runtime's tokens/s (non-pad tokens of all ranks per second).
+- `steps`, `tokens`, `train_examples`, `params_total`, `params_trainable`: planned counts
+  against what the runtime did and built.
+
+Loss (first, final, lowest logged) and the compile-time truncation counts sit beside them; they
+have no prediction. Missing files or keys give `None`, never an error, so older builds report too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+RUN_REPORT_FORMAT_VERSION = 1
+PLAN_FILE = "plan.json"
+RUNTIME_CONFIG_FILE = "runtime.json"  # as runtime.config names it; read here only to recognise a build
+TRAIN_REPORT_FILE = "train_report.json"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+JSON_FILE = "run_report.json"
+MARKDOWN_FILE = "run_report.md"
+LOSS_PNG = "loss.png"
+
+# Fewer logged points than this are drawn as they are: smoothing a handful of points hides them.
+_MIN_POINTS_TO_SMOOTH = 8
+_EVAL_KEYS = ("accuracy", "majority_baseline", "macro_f1", "n", "loss", "perplexity")
+_MEMORY_BASIS = {
+    "cuda_allocated": "Peak memory is what torch allocated on one GPU (torch.cuda.max_memory_allocated); "
+    "the CUDA context the plan counts under overhead is not in it",
+    "process_rss": "Peak memory is the resident set (RSS) of the training process: it also holds the "
+    "Python interpreter, torch and the data besides the weights, gradients, optimizer state and "
+    "activations the plan counts, so its ratio is indicative only",
+}
+
+
+class RunReportError(Exception):
+    """The directory is not a build directory, or one of its files cannot be read."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the build directory
+
+
+def read_metrics(metrics_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Logged records per stage, stages in the order they first appear, records by step.
+
+    A step logged twice (a resumed run logs again from its checkpoint) keeps the later record.
+    Lines that are not JSON objects with a stage, an integer step and a finite loss are skipped
+    (a run killed mid-write leaves a partial last line).
+    """
+    by_stage: dict[str, dict[int, dict[str, Any]]] = {}
+    if not metrics_path.is_file():
+        return {}
+    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        stage, step, loss = record.get("stage"), record.get("step"), _number(record.get("loss"))
+        if not isinstance(stage, str) or not isinstance(step, int) or isinstance(step, bool) or loss is None:
+            continue
+        by_stage.setdefault(stage, {})[step] = record
+    return {stage: [records[s] for s in sorted(records)] for stage, records in by_stage.items()}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunReportError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise RunReportError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _check_build_dir(build_dir: Path) -> None:
+    if not ((build_dir / PLAN_FILE).is_file() or (build_dir / RUNTIME_CONFIG_FILE).is_file()):
+        raise RunReportError(
+            f"{build_dir} is not a build directory (no {PLAN_FILE} or {RUNTIME_CONFIG_FILE}; "
+            f"run `recipe compile RECIPE --out {build_dir}` first)"
+        )
+
+
+def _number(value: Any) -> float | int | None:
+    """A finite number, or None (also for booleans, which JSON readers would take for 0 / 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _get(data: Any, *keys: str) -> Any:
+    """data[k1][k2]..., or None where a level is missing or not an object."""
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _objects(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The report as data
+
+
+def _compare(planned: Any, actual: Any, digits: int | None = None) -> dict[str, Any]:
+    """Planned and actual (rounded to `digits` when given: derived values) and actual / planned to
+    4 significant digits, computed before rounding."""
+    planned, actual = _number(planned), _number(actual)
+    ratio = float(f"{actual / planned:.4g}") if planned and actual is not None else None
+    if digits is not None:
+        planned = round(planned, digits) if planned is not None else None
+        actual = round(actual, digits) if actual is not None else None
+    return {"planned": planned, "actual": actual, "ratio": ratio}
+
+
+def _peak_actual(device: str | None, report: dict[str, Any], records: list[dict[str, Any]]) -> tuple[Any, str | None]:
+    """The measured peak and its basis; from train_report, else the largest value logged."""
+    key, basis = ("peak_memory_gib", "cuda_allocated") if device == "cuda" else ("peak_rss_gib", "process_rss")
+    value = _number(report.get(key))
+    if value is None:
+        logged = [v for v in (_number(r.get(key)) for r in records) if v is not None]
+        value = max(logged) if logged else None
+    return value, basis if value is not None else None
+
+
+def _loss(report: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    losses = [(r["step"], r["loss"]) for r in records]
+    first = _number(report.get("first_loss"))
+    final = _number(report.get("final_loss"))
+    return {
+        "first": first if first is not None else (losses[0][1] if losses else None),
+        "final": final if final is not None else (losses[-1][1] if losses else None),
+        "lowest_logged": min(loss for _, loss in losses) if losses else None,
+        "first_logged_step": losses[0][0] if losses else None,
+        "last_logged_step": losses[-1][0] if losses else None,
+        "logged_steps": len(losses),
+    }
+
+
+def _truncation(plan_stage: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] | None:
+    tokens = plan_stage.get("tokens")
+    if not isinstance(tokens, dict):
+        return None
+    train, heldout = _number(tokens.get("train_examples")), _number(tokens.get("eval_examples"))
+    budget = _get(plan, "data", plan_stage.get("data"), "tokens") if isinstance(plan_stage.get("data"), str) else None
+    return {
+        # Counted over the whole data set (train and held-out) when the compiler applied the budget.
+        "examples": train + heldout if train is not None and heldout is not None else None,
+        "n_positions": _number(tokens.get("n_positions")),
+        "truncated_examples": _number(tokens.get("truncated_examples")),
+        "label_truncated_examples": _number(tokens.get("label_truncated_examples")),
+        "dropped_examples": _number(tokens.get("dropped_examples")),
+        "tokens_removed": _number(_get(budget, "tokens_removed")),
+    }
+
+
+def _stage_entry(name: str, plan_stage: dict[str, Any], report: dict[str, Any], records: list[dict[str, Any]],
+                 device: str | None, plan: dict[str, Any]) -> dict[str, Any]:
+    planned_wall = _number(_get(plan_stage, "compute", "wall_s"))
+    planned_tokens = _number(plan_stage.get("train_tokens"))
+    planned_rate = planned_tokens / planned_wall if planned_tokens is not None and planned_wall else None
+    actual_rate = _number(report.get("tokens_per_s"))
+    if actual_rate is None and _number(report.get("tokens")) is not None and _number(report.get("wall_s")):
+        actual_rate = report["tokens"] / report["wall_s"]
+    peak, basis = _peak_actual(device, report, records)
+    start_step = _number(report.get("start_step"))
+    return {
+        "stage": name,
+        "kind": plan_stage.get("kind", report.get("kind")),
+        "adapter": plan_stage.get("adapter", report.get("adapter")),
+        "ran": bool(report),
+        "start_step": int(start_step) if start_step is not None else (0 if report else None),
+        "peak_memory_gib": {**_compare(_get(plan_stage, "memory", "peak_gib"), peak), "measured": basis},
+        "wall_s": _compare(planned_wall, report.get("wall_s")),
+        "tokens_per_s": _compare(planned_rate, actual_rate, 1),
+        "steps": _compare(plan_stage.get("steps"), report.get("steps")),
+        "tokens": _compare(planned_tokens, report.get("tokens")),
+        "train_examples": _compare(_get(plan_stage, "tokens", "train_examples"), report.get("examples")),
+        "params_total": _compare(_get(plan_stage, "params", "total"), report.get("params_total")),
+        "params_trainable": _compare(_get(plan_stage, "params", "trainable"), report.get("params_trainable")),
+        "loss": _loss(report, records),
+        "truncation": _truncation(plan_stage, plan),
+    }
+
+
+def _totals(plan: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
+    ran = [s for s in stages if s["ran"]]
+
+    def actual_sum(key: str) -> float | None:
+        values = [s[key]["actual"] for s in ran]
+        return sum(values) if values and None not in values else None
+
+    wall, tokens = actual_sum("wall_s"), actual_sum("tokens")
+    planned_wall = _number(_get(plan, "totals", "wall_s"))
+    planned_tokens = _number(_get(plan, "totals", "train_tokens"))
+    peaks = [s["peak_memory_gib"]["actual"] for s in ran if s["peak_memory_gib"]["actual"] is not None]
+    return {
+        "wall_s": _compare(planned_wall, wall, 2),
+        "tokens": _compare(planned_tokens, tokens),
+        "tokens_per_s": _compare(planned_tokens / planned_wall if planned_tokens is not None and planned_wall else None,
+                                 tokens / wall if tokens is not None and wall else None, 1),
+        "peak_memory_gib": _compare(_get(plan, "totals", "peak_gib"), max(peaks) if peaks else None),
+    }
+
+
+def build_run_report(build_dir: Path) -> dict[str, Any]:
+    """The plan's predictions beside what the run measured, per stage and in total (see the module
+    docstring for each quantity). Raises RunReportError when `build_dir` is not a build directory."""
+    build_dir = Path(build_dir)
+    _check_build_dir(build_dir)
+    plan = _read_json(build_dir / PLAN_FILE) or {}
+    train = _read_json(build_dir / TRAIN_REPORT_FILE) or {}
+    evaluation = _read_json(build_dir / EVAL_FILE)
+    metrics = read_metrics(build_dir / METRICS_FILE)
+    device = train.get("device") if isinstance(train.get("device"), str) else _get(plan, "hardware", "device")
+    plan_stages = {s["name"]: s for s in _objects(plan.get("stages")) if isinstance(s.get("name"), str)}
+    ran = {s["stage"]: s for s in _objects(train.get("stages")) if isinstance(s.get("stage"), str)}
+    names = list(dict.fromkeys([*plan_stages, *ran, *metrics]))  # plan order, then anything else that ran
+    stages = [_stage_entry(n, plan_stages.get(n, {}), ran.get(n, {}), metrics.get(n, []), device, plan) for n in names]
+    world = _number(train.get("world_size"))
+    if world is None:
+        nodes, procs = _number(_get(plan, "hardware", "nodes")), _number(_get(plan, "hardware", "nproc_per_node"))
+        world = nodes * procs if nodes is not None and procs is not None else None
+    return {
+        "format_version": RUN_REPORT_FORMAT_VERSION,
+        "name": plan.get("name") if isinstance(plan.get("name"), str) else build_dir.absolute().name,
+        "plan_summary": plan.get("summary"),
+        "device": device,
+        "precision": train.get("precision", _get(plan, "hardware", "precision")),
+        "world_size": world,
+        "stages": stages,
+        "totals": _totals(plan, stages),
+        "eval": {k: evaluation[k] for k in _EVAL_KEYS if k in evaluation} if evaluation else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss plot
+
+
+def _smoothed(values: list[float]) -> list[float]:
+    """Centred moving average over about 1/20 of the points (at least 3), narrower at the ends:
+    unlike an exponential average it does not lag behind a falling loss."""
+    half = max(1, len(values) // 40)
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - half) : i + half + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
+    """Loss against step, one colour per stage, later stages continuing where earlier ones ended;
+    the logged points with a lightly smoothed line over them (from 8 points on). Returns None and
+    writes nothing when no loss was logged. The PNG carries no software version or time, so the
+    same metrics give the same bytes."""
+    metrics = read_metrics(Path(metrics_path))
+    if not metrics:
+        return None
+    # Imported here so that reading or building a report does not load matplotlib.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    offset = 0
+    for i, (stage, records) in enumerate(metrics.items()):
+        steps = [offset + r["step"] for r in records]
+        losses = [float(r["loss"]) for r in records]
+        color = f"C{i % 10}"
+        if len(losses) >= _MIN_POINTS_TO_SMOOTH:
+            ax.plot(steps, losses, color=color, alpha=0.35, linewidth=0.8, marker="o", markersize=2.5)
+            ax.plot(steps, _smoothed(losses), color=color, linewidth=2.0, label=stage)
+        else:  # a smoothed line over a handful of points would only lag behind them
+            ax.plot(steps, losses, color=color, linewidth=1.5, marker="o", markersize=4, label=stage)
+        if i:
+            ax.axvline(offset, color="0.6", linestyle=":", linewidth=1.0)
+        offset = steps[-1]
+    ax.set_xlabel("step" if len(metrics) == 1 else "step (stages in order, each continuing the last)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{Path(metrics_path).absolute().parent.name}: training loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="stage", loc="upper right")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    _write_atomic(Path(png_path), buffer.getvalue())
+    return Path(png_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown, rendered from the JSON report
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}" if 0.1 <= ratio < 100 else f"{ratio:.3g}"
+
+
+def _stage_markdown(stage: dict[str, Any]) -> Iterable[str]:
+    yield f"## Stage `{stage['stage']}` ({stage['kind'] or '?'}, adapter {stage['adapter'] or '?'})"
+    yield ""
+    if not stage["ran"]:
+        yield "Not in train_report.json: the stage has not run (or the run stopped before its end)."
+        yield ""
+    memory = stage["peak_memory_gib"]
+    memory_label = {"process_rss": "peak memory, GiB (process RSS)",
+                    "cuda_allocated": "peak memory, GiB (CUDA allocated)"}.get(memory["measured"], "peak memory, GiB")
+    rows = [
+        (memory_label, memory, ".3f"),
+        ("tokens/s", stage["tokens_per_s"], ",.1f"),
+        ("wall time, s", stage["wall_s"], ",.1f"),
+        ("steps", stage["steps"], ","),
+        ("tokens", stage["tokens"], ","),
+        ("training examples", stage["train_examples"], ","),
+        ("parameters", stage["params_total"], ","),
+        ("trainable parameters", stage["params_trainable"], ","),
+    ]
+    yield "| quantity | planned | actual | actual/planned |"
+    yield "|---|---:|---:|---:|"
+    for label, entry, spec in rows:
+        planned, actual, ratio = _fmt(entry["planned"], spec), _fmt(entry["actual"], spec), _fmt_ratio(entry["ratio"])
+        yield f"| {label} | {planned} | {actual} | {ratio} |"
+    yield ""
+    notes = []
+    loss = stage["loss"]
+    if loss["first"] is not None:
+        notes.append(f"Loss {loss['first']:.4f} -> {_fmt(loss['final'], '.4f')} (lowest logged "
+                     f"{_fmt(loss['lowest_logged'], '.4f')}; {loss['logged_steps']} logged steps).")
+    if stage["start_step"]:
+        notes.append(f"Resumed from a checkpoint at step {stage['start_step']}.")
+    t = stage["truncation"]
+    if t is not None:
+        of = f" of {t['examples']:,}" if t["examples"] is not None else ""
+        removed = f" ({t['tokens_removed']:,} tokens removed)" if t["tokens_removed"] is not None else ""
+        notes.append(f"Compile-time budget {_fmt(t['n_positions'], ',')} tokens: "
+                     f"{_fmt(t['truncated_examples'], ',')}{of} examples truncated{removed}, "
+                     f"{_fmt(t['label_truncated_examples'], ',')} lost supervised tokens, "
+                     f"{_fmt(t['dropped_examples'], ',')} dropped.")
+    for note in notes:
+        yield f"- {note}"
+    if notes:
+        yield ""
+
+
+def _eval_markdown(evaluation: dict[str, Any]) -> str:
+    parts = []
+    accuracy, baseline = _number(evaluation.get("accuracy")), _number(evaluation.get("majority_baseline"))
+    if accuracy is not None:
+        n = _number(evaluation.get("n"))
+        text = f"accuracy {accuracy:.1%}" + (f" on {int(n):,} examples" if n is not None else "")
+        if baseline is not None:
+            text += f" (majority-class baseline {baseline:.1%}, {100 * (accuracy - baseline):+.1f} points)"
+        parts.append(text)
+    for key, label in (("macro_f1", "macro-F1"), ("loss", "completion loss"), ("perplexity", "perplexity")):
+        if _number(evaluation.get(key)) is not None:
+            parts.append(f"{label} {evaluation[key]:.4f}")
+    return "Held-out evaluation: " + ", ".join(parts) + "." if parts else ""
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line: the run's totals beside the plan's."""
+    totals = report["totals"]
+    n = sum(1 for s in report["stages"] if s["ran"])
+    parts = [f"{n} stage{'s' * (n != 1)} run"]
+    wall, rate, peak = totals["wall_s"], totals["tokens_per_s"], totals["peak_memory_gib"]
+    if wall["actual"] is not None:
+        parts.append(f"{wall['actual']:,.1f} s (planned {_fmt(wall['planned'], ',.1f')} s)")
+    if rate["actual"] is not None:
+        parts.append(f"{rate['actual']:,.0f} tokens/s (planned {_fmt(rate['planned'], ',.0f')})")
+    if peak["actual"] is not None:
+        parts.append(f"peak {peak['actual']:.2f} GiB (planned {_fmt(peak['planned'], '.2f')})")
+    return "Run: " + ", ".join(parts)
+
+
+def render_markdown(report: dict[str, Any], *, loss_png: str | None) -> str:
+    """run_report.md is a pure function of run_report.json (and whether the loss plot exists)."""
+    lines = [f"# Run report: {report['name']}", ""]
+    if report["plan_summary"]:
+        lines += [f"{report['plan_summary']}", ""]
+    lines += [f"Ran on {report['device'] or '?'}, {report['precision'] or '?'}, "
+              f"{_fmt(report['world_size'], ',')} process(es).", ""]
+    for stage in report["stages"]:
+        lines += _stage_markdown(stage)
+    if report["eval"]:
+        line = _eval_markdown(report["eval"])
+        lines += [line, ""] if line else []
+    if loss_png:
+        lines += [f"![loss]({loss_png})", ""]
+    bases = list(dict.fromkeys(s["peak_memory_gib"]["measured"] for s in report["stages"]))
+    for basis in bases:
+        if basis:
+            lines += [f"{_MEMORY_BASIS[basis]}.", ""]
+    lines += ["Planned tokens/s is the plan's training tokens over its wall time; wall time is the plan's "
+              "FLOPs at the device's assumed utilisation.", ""]
+    lines.append(summary_line(report))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_run_report(build_dir: Path) -> tuple[Path, Path]:
+    """Write `loss.png` (when losses were logged), `run_report.json` and `run_report.md` into the
+    build directory; returns the paths of the JSON and markdown reports."""
+    build_dir = Path(build_dir)
+    report = build_run_report(build_dir)
+    png = plot_loss(build_dir / METRICS_FILE, build_dir / LOSS_PNG)
+    json_path, md_path = build_dir / JSON_FILE, build_dir / MARKDOWN_FILE
+    _write_atomic(json_path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    _write_atomic(md_path, render_markdown(report, loss_png=png.name if png else None).encode())
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime.report",
+        description="Write run_report.json, run_report.md and loss.png for a trained build directory.",
+    )
+    parser.add_argument("build_dir", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        json_path, md_path = write_run_report(args.build_dir)
+    except RunReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+    print(summary_line(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
