@@ -263,6 +263,10 @@ def _print_eval(build_dir: Path) -> None:
     if not path.is_file():
         return
     report = json.loads(path.read_text())
+    if "accuracy" not in report:
+        print(f"held-out loss {report['loss']:.4f} (perplexity {report['perplexity']:.2f}) on {report['n']} "
+              f"examples; report: {path}")
+        return
     acc, base = report["accuracy"], report["majority_baseline"]
     print(
         f"held-out accuracy {acc:.1%} on {report['n']} examples "

@@ -17,13 +17,18 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from runtime.config import EvalSpec, IncompatibleBuildError, load_runtime_config
-from runtime.data import IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, read_examples
-from runtime.train import MODEL_DIR
+from runtime.config import EvalSpec, IncompatibleBuildError, RuntimeConfig, load_runtime_config
+from runtime.data import (
+    IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, collate_rows, read_examples,
+    read_training_rows,
+)
+from runtime.model import ModelLoadError, TokenLoss
+from runtime.train import MODEL_DIR, starting_model
 
 _WORD = re.compile(r"[\w'-]+")
+SAMPLE_TOKENS = 128  # at most this many new tokens per sample generation of a language-model eval
 
 
 def extract_label(text: str, rule: str) -> str:
@@ -36,7 +41,7 @@ def extract_label(text: str, rule: str) -> str:
 
 @torch.no_grad()
 def generate_greedy(
-    model: GPT2LMHeadModel, examples: Sequence[Encoded], *, pad_id: int, eos_id: int, max_new_tokens: int,
+    model: PreTrainedModel, examples: Sequence[Encoded], *, pad_id: int, eos_id: int, max_new_tokens: int,
     batch_size: int,
 ) -> list[list[int]]:
     """Batched greedy decoding with left padding and the KV cache; returns new tokens per example."""
@@ -57,7 +62,7 @@ def generate_greedy(
 
 
 @torch.no_grad()
-def completion_losses(model: GPT2LMHeadModel, examples: Sequence[Encoded], *, pad_id: int, batch_size: int) -> list[float]:
+def completion_losses(model: PreTrainedModel, examples: Sequence[Encoded], *, pad_id: int, batch_size: int) -> list[float]:
     """Mean cross-entropy of each example's completion tokens given its prompt."""
     losses = []
     for start in range(0, len(examples), batch_size):
@@ -109,15 +114,65 @@ def classification_report(gold: Sequence[str], predicted: Sequence[str], labels:
     }
 
 
+def load_trained(config: RuntimeConfig, build_dir: Path, model_dir: Path) -> PreTrainedModel:
+    """A trained model or adapter from the build; an adapter is attached to the weights its stage
+    started from (the base model, or the earlier stage it continued)."""
+    if (model_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        stage = config.stages[-1]
+        return PeftModel.from_pretrained(starting_model(config, build_dir, stage), model_dir).eval()
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no trained model at {model_dir}; run `recipe run {build_dir}` first")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def language_model_eval(model: PreTrainedModel, tokenizer, config: RuntimeConfig, build_dir: Path) -> dict:
+    """Held-out loss and perplexity over the supervised tokens (the completion, or the assistant
+    turns of chat data, exactly as in training), and a few sample generations."""
+    spec: EvalSpec = config.eval
+    data = config.data[spec.data]
+    rows = read_training_rows(build_dir / data.heldout, supervise_prompt=data.template.loss == "all")
+    loss_fn = TokenLoss(model)
+    total, count = 0.0, 0
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), spec.batch_size):
+        batch = collate_rows([rows[i] for i in order[start : start + spec.batch_size]], config.model.pad_token_id)
+        loss_sum, n = loss_fn(**batch)
+        total += float(loss_sum)
+        count += int(n)
+    mean = total / max(1, count)
+    # Generation stops at the end-of-sequence token or at whatever token closes a supervised
+    # span in the data (a chat template's end-of-turn marker), and is capped: samples are a look.
+    stop = {config.model.eos_token_id} | {[t for t in r.labels if t != IGNORE_INDEX][-1]
+                                          for r in rows if any(t != IGNORE_INDEX for t in r.labels)}
+    stop.discard(None)
+    samples = []
+    for row in rows[: spec.samples]:
+        first = next((i for i, label in enumerate(row.labels) if label != IGNORE_INDEX), len(row))
+        prompt = torch.tensor([row.input_ids[:first]])
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=min(spec.max_new_tokens, SAMPLE_TOKENS),
+                             pad_token_id=config.model.pad_token_id, eos_token_id=sorted(stop))
+        samples.append({"line": row.line, "prompt": tokenizer.decode(row.input_ids[:first]),
+                        "reference": tokenizer.decode([t for t in row.labels if t != IGNORE_INDEX]),
+                        "generated": tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)})
+    return {"n": len(rows), "supervised_tokens": count, "loss": round(mean, 4),
+            "perplexity": round(math.exp(mean), 4), "samples": samples}
+
+
 def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
     config = load_runtime_config(build_dir)
     spec: EvalSpec = config.eval
     model_dir = checkpoint or build_dir / MODEL_DIR
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no trained model at {model_dir}; run `recipe run {build_dir}` first")
     torch.manual_seed(config.seed)
-    model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    model = load_trained(config, build_dir, model_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    if spec.kind == "language_model":
+        report = language_model_eval(model, tokenizer, config, build_dir)
+        (build_dir / "eval.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        return report
     data = config.data[spec.data]
     heldout = read_examples(build_dir / data.heldout)
     train_labels = Counter(e.label for e in read_examples(build_dir / data.train))
@@ -163,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = evaluate(args.build_dir, args.checkpoint)
-    except (IncompatibleBuildError, FileNotFoundError) as exc:
+    except (IncompatibleBuildError, FileNotFoundError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if "accuracy" not in report:
+        print(f"eval: held-out loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}", file=sys.stderr)
+        return 0
     print(
         f"eval: accuracy {report['accuracy']:.4f} (majority baseline {report['majority_baseline']:.4f}), "
         f"macro-F1 {report['macro_f1']:.4f}, completion loss {report['loss']:.4f}",
