@@ -241,6 +241,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.returncode != 0:
         print(f"error: {launch} exited with status {result.returncode}; see the output above", file=sys.stderr)
         return EXIT_USER
+    report = build_dir / "run_report.json"
+    if report.is_file():
+        from runtime.report import summary_line
+
+        print(f"{summary_line(json.loads(report.read_text()))}; report: {build_dir / 'run_report.md'}")
     _print_eval(build_dir)
     return EXIT_OK
 
