@@ -163,8 +163,6 @@ def unsupported(config: RuntimeConfig) -> list[str]:
     model, hw = config.model, config.hardware
     if model.quantization != "none":
         out.append(f"{model.quantization} quantized base weights are not wired in yet (model.quantization)")
-    if hw.zero_stage or hw.offload_optimizer or hw.offload_params:
-        out.append("DeepSpeed ZeRO and offload are not wired in yet (hardware.zero_stage = 0)")
     if hw.attention == "flash_attention_2" and hw.device != "cuda":
         out.append('attention = "flash_attention_2" needs hardware.device = "cuda"')
     for stage in config.stages:

@@ -212,8 +212,8 @@ class TokenLoss(nn.Module):
         super().__init__()
         self.model = model
         inner = hf_model(model)
-        self._body = inner.base_model
-        self._head = inner.get_output_embeddings()
+        # A tuple, not attributes: registering them as submodules would list every weight twice.
+        self._parts = (inner.base_model, inner.get_output_embeddings())
         config = getattr(model, "active_peft_config", None)
         self._prefix = config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0
 
@@ -226,11 +226,12 @@ class TokenLoss(nn.Module):
             prefix_mask = attention_mask.new_ones(batch, self._prefix)
             attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
             kwargs = {"past_key_values": self.model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self._prefix)}
-        hidden = self._body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        body, head = self._parts
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = hidden.last_hidden_state
         targets = labels[:, 1:]  # position t predicts token t+1
         supervised = targets != IGNORE_INDEX  # [batch, seq-1]
         selected = hidden[:, :-1][supervised]  # [n_supervised, hidden]
-        logits = self._head(selected).float()  # [n_supervised, vocab]
+        logits = head(selected).float()  # [n_supervised, vocab]
         loss_sum = F.cross_entropy(logits, targets[supervised], reduction="sum")
         return loss_sum, supervised.sum()

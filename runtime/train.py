@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -31,6 +32,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn that it guessed
 from transformers import PreTrainedTokenizerFast, get_scheduler
 
 from runtime import checkpoint as ckpt
@@ -244,12 +248,17 @@ def _load_trainable(model: torch.nn.Module, tensors: dict, folder: Path) -> None
             params[name].copy_(value)
 
 
-def _make_backend(config, stage, model, d, device, total_steps):
-    if config.hardware.zero_stage or config.hardware.offload_optimizer or config.hardware.offload_params:
+def _uses_deepspeed(config: RuntimeConfig) -> bool:
+    hw = config.hardware
+    return bool(hw.zero_stage or hw.offload_optimizer or hw.offload_params)
+
+
+def _make_backend(run: "Run", stage: StageSpec, model: torch.nn.Module, total_steps: int):
+    if _uses_deepspeed(run.config):
         from runtime.deepspeed_backend import DeepSpeedBackend
 
-        return DeepSpeedBackend(config, stage, model, d, device, total_steps)
-    return TorchBackend(config, stage, model, d, device, total_steps)
+        return DeepSpeedBackend(run, stage, model, total_steps)
+    return TorchBackend(run.config, stage, model, run.d, run.device, total_steps)
 
 
 @dataclass
@@ -283,7 +292,7 @@ def train_stage(run: Run, index: int, stage: StageSpec, model: torch.nn.Module) 
     if steps_per_epoch == 0:
         raise RuntimeError(f'stage "{stage.name}": {len(rows)} training rows make no batch for {d.world} processes')
     total_steps = stage.max_steps if stage.max_steps is not None else steps_per_epoch * stage.epochs
-    backend = _make_backend(config, stage, model, d, run.device, total_steps)
+    backend = _make_backend(run, stage, model, total_steps)
 
     step, tokens, elapsed_before = 0, 0, 0.0
     resume = run.resume if run.resume and run.resume[1].stage_index == index else None
@@ -549,7 +558,9 @@ def train(config: RuntimeConfig, build_dir: Path, d: Dist) -> dict:
         _finish_stage(run, stage, trained, report, last)
         d.barrier()
         reports.append(report)
-        model = _merged(trained) if not last else trained
+        # After ZeRO-3 the parameters still carry DeepSpeed's partitioning state; the next stage
+        # starts from the saved output instead.
+        model = None if _uses_deepspeed(config) and config.hardware.zero_stage == 3 else _merged(trained)
         previous = stage.name
     train_report = {"device": device.type, "precision": config.hardware.precision, "world_size": d.world,
                     "stages": reports}
@@ -587,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if d.world > 1 and dist.is_initialized():
+            gc.collect()  # engines and their hooks go before the process group does
             dist.destroy_process_group()
     if d.is_main:
         print(f"saved model, tokenizer and template to {args.build_dir / MODEL_DIR}", file=sys.stderr)

@@ -60,24 +60,32 @@ def test_compile_run_eval_on_real_tweets(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_trains(tmp_path: Path) -> None:
-    recipe = base_recipe(
-        name="ddp",
-        hardware={"device": "cpu", "nproc_per_node": 2},
-        train={"epochs": 4, "micro_batch_size": 2, "learning_rate": 1e-2, "log_every_steps": 1},
-    )
-    path = write_json_recipe(tmp_path, recipe)
-    build = tmp_path / "build"
-    assert run_cli("compile", str(path), "--out", str(build), cwd=tmp_path).returncode == 0
-    assert "--nproc_per_node=2" in (build / "launch.sh").read_text()
-    ran = run_cli("run", str(build), cwd=tmp_path)
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    metrics = _read_jsonl(build / "metrics.jsonl")
-    # 7 training rows in batches of 2 -> 4 batches, 2 per rank: 2 steps per epoch, 4 epochs
-    assert [m["step"] for m in metrics] == list(range(1, 9))
-    assert json.loads((build / "plan.json").read_text())["stages"][0]["steps"] == 8
-    assert metrics[-1]["loss"] < metrics[0]["loss"]
-    assert json.loads((build / "eval.json").read_text())["n"] == 3
+def test_zero3_on_two_processes_matches_ddp(tmp_path: Path) -> None:
+    """The same recipe under DistributedDataParallel and under DeepSpeed ZeRO-3 (parameters,
+    gradients and optimizer state sharded over 2 processes): same steps, same losses."""
+    losses = {}
+    for zero in (0, 3):
+        recipe = base_recipe(
+            name=f"zero{zero}",
+            hardware={"device": "cpu", "nproc_per_node": 2, "zero_stage": zero},
+            train={"epochs": 4, "micro_batch_size": 2, "learning_rate": 1e-2, "log_every_steps": 1},
+        )
+        path = write_json_recipe(tmp_path, recipe, name=f"zero{zero}.json")
+        build = tmp_path / f"zero{zero}"
+        assert run_cli("compile", str(path), "--out", str(build), cwd=tmp_path).returncode == 0
+        assert "--nproc_per_node=2" in (build / "launch.sh").read_text()
+        assert json.loads((build / "ds_config.json").read_text())["zero_optimization"]["stage"] == zero
+        ran = run_cli("run", str(build), cwd=tmp_path)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        metrics = _read_jsonl(build / "metrics.jsonl")
+        # 7 training rows in batches of 2 -> 4 batches, 2 per rank: 2 steps per epoch, 4 epochs
+        assert [m["step"] for m in metrics] == list(range(1, 9))
+        assert json.loads((build / "plan.json").read_text())["stages"][0]["steps"] == 8
+        assert metrics[-1]["loss"] < metrics[0]["loss"]
+        assert json.loads((build / "eval.json").read_text())["n"] == 3
+        assert (build / "model" / "model.safetensors").is_file()
+        losses[zero] = [m["loss"] for m in metrics]
+    assert losses[3] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_run_refuses_a_directory_that_is_not_a_build(tmp_path: Path) -> None:
@@ -102,13 +110,14 @@ def test_run_refuses_a_build_edited_after_compile(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_nodes_on_loopback_through_the_emitted_launch(tmp_path: Path) -> None:
-    """2 "nodes" x 1 process: the emitted launch.sh on each, c10d rendezvous on 127.0.0.1."""
+    """2 "nodes" x 1 process: the emitted launch.sh on each, c10d rendezvous on 127.0.0.1, DeepSpeed
+    ZeRO-2 (gradients and optimizer state sharded across the nodes)."""
     import os
     import socket
     import subprocess
     import sys
 
-    recipe = base_recipe(name="two-nodes", hardware={"device": "cpu", "nodes": 2, "nproc_per_node": 1},
+    recipe = base_recipe(name="two-nodes", hardware={"device": "cpu", "nodes": 2, "nproc_per_node": 1, "zero_stage": 2},
                          train={"epochs": 2, "micro_batch_size": 2, "learning_rate": 1e-2, "log_every_steps": 1})
     path = write_json_recipe(tmp_path, recipe)
     build = tmp_path / "build"
