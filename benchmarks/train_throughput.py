@@ -85,11 +85,14 @@ def _ours_batches(config: RuntimeConfig, lengths: list[int]) -> list[list[int]] 
 
 
 def run_ours(build: Path, config: RuntimeConfig, examples: list[Encoded], threads: int) -> dict:
-    env = _thread_env(threads)
+    def runtime(module: str) -> None:
+        command = [sys.executable, "-m", module, str(build)]
+        subprocess.run(command, check=True, cwd=REPO, env=_thread_env(threads), stdout=sys.stderr)
+
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "runtime.train", str(build)], check=True, cwd=REPO, env=env, stdout=sys.stderr)
+    runtime("runtime.train")
     process_wall_s = time.perf_counter() - started
-    subprocess.run([sys.executable, "-m", "runtime.evaluate", str(build)], check=True, cwd=REPO, env=env, stdout=sys.stderr)
+    runtime("runtime.evaluate")
 
     lengths = [len(e) for e in examples]
     batches = _ours_batches(config, lengths)
@@ -279,7 +282,8 @@ def main() -> int:
     for name, side in (("baseline", baseline), ("ours", ours)):
         print(
             f"{name}: {side['tokens_per_s']:.0f} real tokens/s ({side['tokens']} tokens in {side['wall_s']:.1f} s, "
-            f"{side['steps']} steps), padding {_percent(side['padding_fraction'])}, held-out accuracy {side['accuracy']:.4f}"
+            f"{side['steps']} steps), padding {_percent(side['padding_fraction'])}, "
+            f"held-out accuracy {side['accuracy']:.4f}"
         )
     speedup = ours["tokens_per_s"] / baseline["tokens_per_s"]
     run_s = time.perf_counter() - started
