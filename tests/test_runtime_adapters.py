@@ -32,7 +32,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 def _build(tmp_path: Path, name: str, *, model: dict | None = None, adapter: dict | None = None,
-           stages: list | None = None, train: dict | None = None, template: dict | None = None) -> Path:
+           stages: list | None = None, train: dict | None = None, template: dict | None = None,
+           hardware: dict | None = None) -> Path:
     recipe = base_recipe(name=name, train={"epochs": None, "max_steps": 12, "micro_batch_size": 8,
                                            "learning_rate": 3e-3, "log_every_steps": 1, **(train or {})})
     del recipe["train"]["epochs"]
@@ -45,6 +46,8 @@ def _build(tmp_path: Path, name: str, *, model: dict | None = None, adapter: dic
         recipe["stages"] = stages
     if template is not None:
         recipe["template"] = template
+    if hardware is not None:
+        recipe["hardware"] = hardware
     path = write_json_recipe(tmp_path, recipe, name=f"{name}.json")
     build = tmp_path / name
     result = run_cli("compile", str(path), "--out", str(build), cwd=tmp_path)
@@ -139,6 +142,21 @@ def test_freeze_trains_the_last_block_only(tmp_path: Path, tiny_llama: Path) -> 
     before, after = load_file(tiny_llama / "model.safetensors"), load_file(build / "model" / "model.safetensors")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all(name.startswith("model.layers.2.") for name in changed)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path: Path, tiny_llama: Path) -> None:
+    """Recomputing activations in the backward pass changes memory, not arithmetic."""
+    adapter = {"kind": "lora", "rank": 4, "targets": ["q_proj", "v_proj"]}
+    losses = {}
+    for checkpointing in (False, True):
+        build = _build(tmp_path, f"ckpt-{str(checkpointing).lower()}", model=_pretrained(tiny_llama), adapter=adapter,
+                       train={"max_steps": 6, "learning_rate": 1e-2},
+                       hardware={"device": "cpu", "gradient_checkpointing": checkpointing})
+        assert json.loads((build / "runtime.json").read_text())["hardware"]["gradient_checkpointing"] is checkpointing
+        losses[checkpointing] = _losses(build)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert losses[True][-1] < losses[True][0]
 
 
 @pytest.mark.slow
