@@ -250,6 +250,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from runtime.chat import ChatError, run
+    from runtime.model import ModelLoadError
+
+    build_dir = Path(args.build)
+    if not (build_dir / "runtime.json").is_file():
+        raise RecipeError.single(f"{build_dir} is not a build directory (run `recipe compile RECIPE` first)")
+    try:
+        return run(build_dir, args.prompt)
+    except (ChatError, ModelLoadError) as exc:
+        raise RecipeError.single(str(exc)) from None
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     build_dir = Path(args.build)
     _check_build(build_dir)
@@ -328,6 +343,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("build", metavar="BUILD_DIR")
     p.add_argument("--checkpoint", metavar="PATH", help="model directory (default: BUILD_DIR/model)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("chat", help="talk to a build's model (trained, or the base weights before training)")
+    p.add_argument("build", metavar="BUILD_DIR")
+    p.add_argument("--prompt", metavar="TEXT", help="one message, print the reply, exit (default: interactive, or "
+                                                    "one message per line of stdin)")
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
