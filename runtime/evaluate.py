@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from runtime.config import EvalSpec, IncompatibleBuildError, RuntimeConfig, load_runtime_config
+from runtime.config import EvalSpec, IncompatibleBuildError, RuntimeConfig, TemplateSpec, load_runtime_config
 from runtime.data import (
     IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, collate_rows, read_examples,
     read_training_rows,
@@ -76,6 +76,53 @@ def completion_losses(model: PreTrainedModel, examples: Sequence[Encoded], *, pa
         counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
         losses.extend((token_loss.sum(dim=1) / counts).tolist())
     return losses
+
+
+def label_token_sequences(template: TemplateSpec, label_field: str | None, labels: Sequence[str],
+                          tokenizer) -> dict[str, list[int]]:
+    """Each label's completion as training saw it: the completion template rendered with the label."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    source = template.completion or " {{ label }}"
+    out = {}
+    for label in labels:
+        text = env.from_string(source).render({label_field or "label": label})
+        out[label] = tokenizer.encode(text, add_special_tokens=False)
+    return out
+
+
+@torch.no_grad()
+def predict_from_label_set(model: PreTrainedModel, examples: Sequence[Encoded], candidates: dict[str, list[int]], *,
+                           pad_id: int, batch_size: int) -> list[str]:
+    """The label whose completion tokens are most likely after each prompt (summed log-probability):
+    the answer constrained to the label set, whatever the model would have generated."""
+    scores: dict[str, list[float]] = {}
+    for label, ids in candidates.items():
+        rows = [Encoded(e.prompt, tuple(ids), e.label, e.line) for e in examples]
+        scores[label] = [-loss * len(ids) for loss in completion_losses(model, rows, pad_id=pad_id,
+                                                                         batch_size=batch_size)]
+    names = list(candidates)
+    return [max(names, key=lambda n: scores[n][i]) for i in range(len(examples))]
+
+
+def predict_labels(model: PreTrainedModel, tokenizer, config: RuntimeConfig, examples: Sequence[Encoded]
+                   ) -> tuple[list[str], list[str], list[list[int]]]:
+    """(predicted labels, generated texts, generated ids) by the recipe's extraction rule."""
+    spec: EvalSpec = config.eval
+    pad_id, eos_id = config.model.pad_token_id, config.model.eos_token_id
+    new_tokens = generate_greedy(model, examples, pad_id=pad_id, eos_id=eos_id, max_new_tokens=spec.max_new_tokens,
+                                 batch_size=spec.batch_size)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_tokens]
+    if spec.extract == "label_set":
+        template = config.data[spec.data].template
+        candidates = label_token_sequences(template, spec.label_field, spec.labels, tokenizer)
+        predicted = [p.lower() for p in predict_from_label_set(model, examples, candidates, pad_id=pad_id,
+                                                                batch_size=spec.batch_size)]
+    else:
+        predicted = [extract_label(t, spec.extract) for t in texts]
+    return predicted, texts, new_tokens
 
 
 def classification_report(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str], majority: str) -> dict:
@@ -177,17 +224,20 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
     heldout = read_examples(build_dir / data.heldout)
     train_labels = Counter(e.label for e in read_examples(build_dir / data.train))
     majority = max(sorted(train_labels), key=lambda k: train_labels[k])
-    pad_id, eos_id = config.model.pad_token_id, config.model.eos_token_id
+    pad_id = config.model.pad_token_id
 
     started = time.perf_counter()
-    new_tokens = generate_greedy(
-        model, heldout, pad_id=pad_id, eos_id=eos_id, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size
-    )
+    predicted, texts, new_tokens = predict_labels(model, tokenizer, config, heldout)
     generation_s = time.perf_counter() - started
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new_tokens]
-    predicted = [extract_label(t, spec.extract) for t in texts]
     gold = [e.label.lower() for e in heldout]
-    report = classification_report(gold, predicted, [l.lower() for l in spec.labels], majority.lower())
+    labels = [label.lower() for label in spec.labels]
+    report = classification_report(gold, predicted, labels, majority.lower())
+    # The same eval on the weights training started from: what the training itself bought.
+    untrained = starting_model(config, build_dir, config.stages[0]).eval()
+    untrained_predicted, _, _ = predict_labels(untrained, tokenizer, config, heldout)
+    del untrained
+    report["untrained_accuracy"] = round(sum(g == p for g, p in zip(gold, untrained_predicted)) / len(gold), 4)
+    report["extract"] = spec.extract
 
     losses = completion_losses(model, heldout, pad_id=pad_id, batch_size=spec.batch_size)
     mean_loss = sum(losses) / len(losses)
@@ -204,11 +254,74 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
         }
     )
     (build_dir / "eval.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    png = plot_confusion(report, build_dir / "confusion.png")
+    (build_dir / "eval.md").write_text(render_eval_md(config, report, png is not None))
     with open(build_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for e, text, p, loss in zip(heldout, texts, predicted, losses):
             record = {"line": e.line, "label": e.label, "generated": text, "predicted": p, "loss": round(loss, 5)}
             f.write(json.dumps(record, sort_keys=True) + "\n")
     return report
+
+
+def plot_confusion(report: dict, path: Path) -> Path | None:
+    """The confusion matrix as a PNG (gold rows, predicted columns, counts in the cells)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    gold = list(report["confusion"])
+    if not gold:
+        return None
+    columns = list(report["confusion"][gold[0]])
+    counts = [[report["confusion"][g][c] for c in columns] for g in gold]
+    figure = Figure(figsize=(1.2 * len(columns) + 2, 1.0 * len(gold) + 1.5), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(columns)), labels=columns)
+    ax.set_yticks(range(len(gold)), labels=gold)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("label")
+    top = max(max(row) for row in counts) or 1
+    for i, row in enumerate(counts):
+        for j, n in enumerate(row):
+            ax.text(j, i, str(n), ha="center", va="center", color="white" if n > top / 2 else "black")
+    ax.set_title(f"accuracy {report['accuracy']:.1%} on {report['n']}")
+    figure.tight_layout()
+    figure.savefig(path, metadata={"Software": None})
+    return path
+
+
+def render_eval_md(config: RuntimeConfig, report: dict, with_plot: bool) -> str:
+    labels = list(report["per_class"])
+    lines = [
+        f"# Eval: {config.name}",
+        "",
+        f"{report['n']} held-out examples; labels extracted by `{report['extract']}`.",
+        "",
+        "| | accuracy |",
+        "|---|---:|",
+        f"| trained model | {report['accuracy']:.1%} |",
+        f"| majority class (`{report['majority_class']}`) | {report['majority_baseline']:.1%} |",
+        f"| untrained (the weights training started from) | {report['untrained_accuracy']:.1%} |",
+        "",
+        f"Macro-F1 {report['macro_f1']:.3f}; {report['invalid_predictions']} predictions outside the label set; "
+        f"completion loss {report['loss']:.4f} (perplexity {report['perplexity']:.2f}).",
+        "",
+        "| label | support | predicted | precision | recall | F1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label in labels:
+        c = report["per_class"][label]
+        lines.append(f"| {label} | {c['support']} | {c['predicted']} | {c['precision']:.3f} | {c['recall']:.3f} | "
+                     f"{c['f1']:.3f} |")
+    columns = list(report["confusion"][labels[0]]) if labels else []
+    lines += ["", "Confusion (rows: label, columns: predicted):", "",
+              "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(str(report["confusion"][label][c]) for c in columns) + " |")
+    if with_plot:
+        lines += ["", "![confusion](confusion.png)"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval: held-out loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}", file=sys.stderr)
         return 0
     print(
-        f"eval: accuracy {report['accuracy']:.4f} (majority baseline {report['majority_baseline']:.4f}), "
+        f"eval: accuracy {report['accuracy']:.4f} (majority baseline {report['majority_baseline']:.4f}, "
+        f"untrained {report['untrained_accuracy']:.4f}), "
         f"macro-F1 {report['macro_f1']:.4f}, completion loss {report['loss']:.4f}",
         file=sys.stderr,
     )

@@ -57,6 +57,12 @@ def test_compile_run_eval_on_real_tweets(tmp_path: Path) -> None:
     majority = train_labels.most_common(1)[0][0]
     assert report["majority_baseline"] == round(sum(r["label"] == majority for r in heldout) / 420, 4)
     assert report["accuracy"] > 1 / 3  # better than guessing uniformly among three labels
+    # the report puts the untrained weights' score beside the trained one, with the confusion plot
+    assert 0 <= report["untrained_accuracy"] < report["accuracy"]
+    assert (build / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (build / "eval.md").read_text()
+    assert f"| trained model | {report['accuracy']:.1%} |" in markdown and "![confusion](confusion.png)" in markdown
+    assert sum(sum(row.values()) for row in report["confusion"].values()) == 420
 
 
 @pytest.mark.slow

@@ -95,3 +95,31 @@ def test_runtime_refuses_other_schema_versions(tmp_path: Path) -> None:
     (tmp_path / "runtime.json").write_text(json.dumps({"schema_version": 999}))
     with pytest.raises(IncompatibleBuildError, match="schema_version 999"):
         load_runtime_config(tmp_path)
+
+
+def test_label_set_prediction_is_the_most_likely_label_sequence() -> None:
+    """Checked against a direct computation: log-softmax of the full model output, summed over each
+    label's tokens after the prompt, one example at a time."""
+    from runtime.evaluate import predict_from_label_set
+
+    torch.manual_seed(3)
+    config = {"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 16, "vocab_size": 50,
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    spec = ModelSpec(init="scratch", family="gpt2", config=config, weights=None, trust_remote_code=False,
+                     quantization="none", vocab_size=50, n_positions=16, eos_token_id=0, pad_token_id=0)
+    model = build_model(spec).eval()
+    candidates = {"a": [11, 12], "b": [13, 17], "c": [14, 15]}
+    examples = [Encoded(prompt=tuple(range(1 + i, 4 + 2 * i)), completion=(), label="a", line=i) for i in range(6)]
+    got = predict_from_label_set(model, examples, candidates, pad_id=0, batch_size=4)
+    expected = []
+    for e in examples:
+        best, best_score = None, None
+        for name, ids in candidates.items():
+            full = torch.tensor([list(e.prompt) + ids])
+            logp = torch.log_softmax(model(input_ids=full).logits[0].float(), dim=-1)
+            score = sum(float(logp[len(e.prompt) - 1 + k, t]) for k, t in enumerate(ids))
+            if best_score is None or score > best_score:
+                best, best_score = name, score
+        expected.append(best)
+    assert got == expected
+    assert len(set(got)) > 1  # the case exercises more than one label
