@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from runtime.config import EvalSpec, IncompatibleBuildError, RuntimeConfig, TemplateSpec, load_runtime_config
@@ -63,18 +62,14 @@ def generate_greedy(
 
 @torch.no_grad()
 def completion_losses(model: PreTrainedModel, examples: Sequence[Encoded], *, pad_id: int, batch_size: int) -> list[float]:
-    """Mean cross-entropy of each example's completion tokens given its prompt."""
+    """Mean cross-entropy of each example's completion tokens given its prompt (the LM head only at
+    the completion's positions, as in training)."""
+    loss_fn = TokenLoss(model)
     losses = []
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        batch = collate_for_training(chunk, pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        token_loss = F.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )  # [batch, seq-1]
-        counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-        losses.extend((token_loss.sum(dim=1) / counts).tolist())
+        batch = collate_for_training(examples[start : start + batch_size], pad_id)
+        sums, counts = loss_fn.per_row(**batch)
+        losses.extend((sums / counts.clamp(min=1)).tolist())
     return losses
 
 

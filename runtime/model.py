@@ -220,6 +220,22 @@ class TokenLoss(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        token_losses, supervised = self.token_losses(input_ids, attention_mask, labels)
+        return token_losses.sum(), supervised.sum()
+
+    def per_row(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, supervised token count) for each row of the batch."""
+        token_losses, supervised = self.token_losses(input_ids, attention_mask, labels)
+        rows = supervised.nonzero()[:, 0]
+        sums = torch.zeros(input_ids.shape[0], dtype=token_losses.dtype, device=token_losses.device)
+        return sums.index_add(0, rows, token_losses), supervised.sum(dim=1)
+
+    def token_losses(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of every supervised token (row-major order) and the [batch, seq-1] supervision mask."""
         kwargs: dict = {"use_cache": False}
         if self._prefix:
             batch = input_ids.shape[0]
@@ -233,5 +249,4 @@ class TokenLoss(nn.Module):
         supervised = targets != IGNORE_INDEX  # [batch, seq-1]
         selected = hidden[:, :-1][supervised]  # [n_supervised, hidden]
         logits = head(selected).float()  # [n_supervised, vocab]
-        loss_sum = F.cross_entropy(logits, targets[supervised], reduction="sum")
-        return loss_sum, supervised.sum()
+        return F.cross_entropy(logits, targets[supervised], reduction="none"), supervised
