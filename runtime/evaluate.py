@@ -23,8 +23,8 @@ from runtime.data import (
     IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, collate_rows, read_examples,
     read_training_rows,
 )
-from runtime.model import ModelLoadError, TokenLoss
-from runtime.train import MODEL_DIR, starting_model
+from runtime.model import ModelLoadError, TokenLoss, apply_adapter
+from runtime.train import MODEL_DIR, TRAINABLE_FILE, _load_trainable, starting_model
 
 _WORD = re.compile(r"[\w'-]+")
 SAMPLE_TOKENS = 128  # at most this many new tokens per sample generation of a language-model eval
@@ -159,6 +159,15 @@ def classification_report(gold: Sequence[str], predicted: Sequence[str], labels:
 def load_trained(config: RuntimeConfig, build_dir: Path, model_dir: Path) -> PreTrainedModel:
     """A trained model or adapter from the build; an adapter is attached to the weights its stage
     started from (the base model, or the earlier stage it continued)."""
+    if (model_dir / TRAINABLE_FILE).is_file():  # a training checkpoint: the starting weights plus what trained
+        stage = config.stages[-1]
+        model = apply_adapter(starting_model(config, build_dir, stage), stage.adapter)
+        tensors = torch.load(model_dir / TRAINABLE_FILE, map_location="cpu", weights_only=True)
+        _load_trainable(model, tensors, model_dir)
+        return model.eval()
+    if (model_dir / "deepspeed").is_dir():
+        raise FileNotFoundError(f"{model_dir} is a DeepSpeed checkpoint; evaluate the saved model (BUILD/model) "
+                                "or convert it with the zero_to_fp32.py script inside it")
     if (model_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -210,10 +219,14 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
     model_dir = checkpoint or build_dir / MODEL_DIR
     torch.manual_seed(config.seed)
     model = load_trained(config, build_dir, model_dir)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    if (model_dir / "tokenizer.json").is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    else:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(build_dir / config.tokenizer.file))
     if spec.kind == "language_model":
         report = language_model_eval(model, tokenizer, config, build_dir)
         (build_dir / "eval.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        (build_dir / "eval.md").write_text(render_language_model_md(config, report))
         return report
     data = config.data[spec.data]
     heldout = read_examples(build_dir / data.heldout)
@@ -317,6 +330,17 @@ def render_eval_md(config: RuntimeConfig, report: dict, with_plot: bool) -> str:
     if with_plot:
         lines += ["", "![confusion](confusion.png)"]
     return "\n".join(lines) + "\n"
+
+
+def render_language_model_md(config: RuntimeConfig, report: dict) -> str:
+    lines = [f"# Eval: {config.name}", "",
+             f"{report['n']} held-out examples, {report['supervised_tokens']} supervised tokens: loss "
+             f"{report['loss']:.4f}, perplexity {report['perplexity']:.2f}.", ""]
+    for sample in report["samples"]:
+        lines += [f"## Held-out line {sample['line']}", "", "Prompt:", "", "```", sample["prompt"].rstrip(), "```", "",
+                  "Reference:", "", "```", sample["reference"].rstrip(), "```", "", "Generated:", "", "```",
+                  sample["generated"].rstrip(), "```", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

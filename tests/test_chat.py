@@ -131,3 +131,39 @@ def test_chat_with_a_prompt_template_and_one_shot_prompt(tmp_path: Path) -> None
 def test_chat_refuses_a_directory_that_is_not_a_build(tmp_path: Path) -> None:
     result = _chat(tmp_path, "")
     assert result.returncode == 1 and "not a build directory" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_language_model_eval_equals_an_independent_loss(chat_build: Path, tmp_path: Path) -> None:
+    """Held-out loss over the assistant tokens, recomputed with transformers' own loss per row."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runtime.config import load_runtime_config
+    from runtime.data import read_training_rows
+
+    recipe = json.loads((chat_build.parent / "recipe.json").read_text())
+    recipe["name"] = "chat-eval"
+    recipe["eval"] = {"kind": "language_model", "samples": 2, "max_new_tokens": 4}
+    recipe["train"] = {"max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-3}
+    path = write_json_recipe(chat_build.parent, recipe, name="chat-eval.json")
+    build = chat_build.parent / "chat-eval"
+    assert run_cli("compile", str(path), "--out", str(build), cwd=chat_build.parent).returncode == 0
+    ran = run_cli("run", str(build), cwd=chat_build.parent)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    report = json.loads((build / "eval.json").read_text())
+    assert "held-out loss" in ran.stdout and len(report["samples"]) == 2
+    assert (build / "eval.md").read_text().startswith("# Eval: chat-eval")
+
+    config = load_runtime_config(build)
+    model = AutoModelForCausalLM.from_pretrained(build / "model").eval()
+    rows = read_training_rows(build / config.data["chat"].heldout)
+    total = count = 0.0
+    with torch.no_grad():
+        for row in rows:
+            labels = torch.tensor([row.labels])
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=torch.tensor([row.input_ids]), labels=labels).loss) * n
+            count += n
+    assert report["n"] == len(rows) == 3 and report["supervised_tokens"] == count
+    assert report["loss"] == pytest.approx(total / count, abs=1e-4)
