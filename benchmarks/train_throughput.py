@@ -140,26 +140,10 @@ def _padded_dataset(examples: list[Encoded], width: int, pad_id: int) -> list[di
 
 
 def _baseline_model(config: RuntimeConfig):
-    """GPT-2 of the build's shape, configured field by field as a script would."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """The same GPT-2 the runtime builds (same shape, same initialisation code)."""
+    from runtime.model import build_model
 
-    m, c = config.model, config.model.config
-    return GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=m.vocab_size,
-            n_positions=m.n_positions,
-            n_embd=c["n_embd"],
-            n_layer=c["n_layer"],
-            n_head=c["n_head"],
-            resid_pdrop=c["resid_pdrop"],
-            embd_pdrop=c["embd_pdrop"],
-            attn_pdrop=c["attn_pdrop"],
-            bos_token_id=m.eos_token_id,
-            eos_token_id=m.eos_token_id,
-            pad_token_id=m.pad_token_id,
-            tie_word_embeddings=True,
-        )
-    )
+    return build_model(config.model)
 
 
 def run_baseline(build: Path, config: RuntimeConfig, examples: list[Encoded], threads: int, out_dir: Path) -> dict:

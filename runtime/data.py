@@ -102,16 +102,8 @@ def length_grouped_batches(
 
 def collate_for_training(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input ids, attention mask, and labels that supervise only the completion."""
-    width = max(len(e) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids = e.prompt + e.completion
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, len(e.prompt) : len(ids)] = torch.tensor(e.completion)
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    rows = [TrainRow(e.prompt + e.completion, (IGNORE_INDEX,) * len(e.prompt) + e.completion, e.line) for e in examples]
+    return collate_rows(rows, pad_id)
 
 
 def collate_prompts_left_padded(examples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
