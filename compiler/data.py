@@ -175,15 +175,23 @@ def _read_text(path: Path, display: str) -> str:
         ) from None
 
 
+MAX_FIELD_CHARS = 16 * 1024 * 1024  # one cell of a CSV/TSV file (the csv module's default is 128 KiB)
+
+
 def _read_delimited(text: str, delimiter: str, columns: list[str] | None, display: str,
                     report: DataReport) -> list[Row]:
     # Source files arrive with CRLF line ends; csv handles them when given newline="" semantics.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE)
     # QUOTE_NONE: one record per physical line, so reader.line_num is that record's line.
     records, line_numbers = [], []
-    for record in reader:
-        records.append(record)
-        line_numbers.append(reader.line_num)
+    csv.field_size_limit(MAX_FIELD_CHARS)
+    try:
+        for record in reader:
+            records.append(record)
+            line_numbers.append(reader.line_num)
+    except csv.Error as exc:
+        raise RecipeError.single(f"{display}: {exc}", file=display, line=reader.line_num + 1,
+                                 help=f"no field may be longer than {MAX_FIELD_CHARS:,} characters") from None
     start = 0
     if columns is None:
         if not records:
@@ -215,6 +223,10 @@ def _read_jsonl(text: str, display: str, report: DataReport) -> list[Row]:
         except json.JSONDecodeError as exc:
             report.problems.append(RowProblem(display, line_number, "invalid_json", f"invalid JSON: {exc.msg}",
                                               column=exc.colno))
+            continue
+        except (ValueError, RecursionError) as exc:  # thousands of digits in one number; absurd nesting
+            reason = str(exc) if isinstance(exc, ValueError) else "values nested too deeply"
+            report.problems.append(RowProblem(display, line_number, "invalid_json", f"invalid JSON: {reason}"))
             continue
         if not isinstance(value, dict):
             report.problems.append(RowProblem(display, line_number, "data_type",
@@ -274,6 +286,9 @@ def _read_json_array(text: str, display: str) -> list[Row]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RecipeError.single(f"invalid JSON: {exc.msg}", file=display, line=exc.lineno, column=exc.colno) from None
+    except (ValueError, RecursionError) as exc:  # thousands of digits in one number; absurd nesting
+        reason = str(exc) if isinstance(exc, ValueError) else "values nested too deeply"
+        raise RecipeError.single(f"invalid JSON: {reason}", file=display) from None
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise RecipeError.single(f"{display} must hold a JSON array of objects", file=display, line=1,
                                  help="or store one object per line as .jsonl")

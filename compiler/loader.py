@@ -83,6 +83,8 @@ def parse_document(path: Path) -> tuple[dict[str, Any], str, SourceMap]:
     if suffix == ".toml":
         try:
             data = tomllib.loads(text)
+        except RecursionError:
+            raise RecipeError.single(f"{shown}: values nested too deeply to be a recipe", file=shown) from None
         except tomllib.TOMLDecodeError as exc:
             line, col = _toml_error_position(str(exc))
             reason = re.sub(r" \(at line \d+, column \d+\)", "", str(exc))
@@ -94,7 +96,11 @@ def parse_document(path: Path) -> tuple[dict[str, Any], str, SourceMap]:
     if suffix == ".json":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            raise RecipeError.single(f"{shown}: values nested too deeply to be a recipe", file=shown) from None
+        except ValueError as exc:
+            if not isinstance(exc, json.JSONDecodeError):  # e.g. an integer literal of thousands of digits
+                raise RecipeError.single(f"invalid JSON: {exc}", file=shown) from None
             message, line, column = _plain_json_error(exc)
             raise RecipeError.single(
                 f"invalid JSON: {message}", file=shown, line=line, column=column, source_line=quote(line)
@@ -116,6 +122,36 @@ def parse_document(path: Path) -> tuple[dict[str, Any], str, SourceMap]:
         f"{shown}: unsupported recipe format \"{suffix or '(no extension)'}\"",
         help="write the recipe as .toml or .json",
     )
+
+
+MAX_NESTING = 32  # no recipe needs more; deeper input only exercises recursion limits
+
+
+def _check_plain(data: Any, shown: str, smap) -> None:
+    """Refuse what no recipe contains and later stages would choke on: deep nesting, and text that
+    is not valid Unicode (a lone surrogate escape in JSON)."""
+    stack: list[tuple[Any, tuple, int]] = [(data, (), 0)]
+    while stack:
+        value, key, depth = stack.pop()
+        where = ".".join(str(k) for k in key) or "(top level)"
+        if depth > MAX_NESTING:
+            raise RecipeError.single(f"{where}: values nested deeper than {MAX_NESTING} levels", file=shown)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_text(k, where, shown)
+                stack.append((v, key + (k,), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, key + (i,), depth + 1) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, where, shown)
+
+
+def _check_text(text: str, where: str, shown: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RecipeError.single(f"{where}: text is not valid Unicode (a lone surrogate such as \\ud800)",
+                                 file=shown, help="remove the escape or pair it with its other half") from None
 
 
 def _json_kind(value: Any) -> str:
@@ -168,6 +204,7 @@ def load_recipe(path: Path, overrides: Sequence[Override] = ()) -> LoadedRecipe:
     """Parse, apply `--set` overrides, and validate; raise RecipeError with every schema problem."""
     path = Path(path)
     data, text, smap = parse_document(path)
+    _check_plain(data, display_path(path), smap)
     if isinstance(data.get("$schema"), str):
         data = {k: v for k, v in data.items() if k != "$schema"}  # an editor hint, not a setting
     data, landed = apply_overrides(data, list(overrides))

@@ -15,8 +15,30 @@ from jinja2 import meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 
+# One rendered example larger than this is an output bomb, not a prompt.
+MAX_REPEAT_CHARS = 1_000_000
+
+
+class _BoundedSandbox(SandboxedEnvironment):
+    """The sandbox, plus a bound on `*` and `**`: `'x' * 10**9` would allocate a gigabyte before
+    any size check could look at the output, and `9 ** 9 ** 9` would spin on one big integer."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT_CHARS:
+                    raise jinja2.exceptions.SecurityError(
+                        f"repetition to {len(seq) * n:,} items exceeds the template limit of {MAX_REPEAT_CHARS:,}")
+        if operator == "**" and isinstance(right, int) and isinstance(left, int) \
+                and abs(right) * max(1, abs(left)).bit_length() > 64 * 1024:
+            raise jinja2.exceptions.SecurityError("power too large for a template")
+        return super().call_binop(context, operator, left, right)
+
+
 def _environment() -> SandboxedEnvironment:
-    return SandboxedEnvironment(
+    return _BoundedSandbox(
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
@@ -57,6 +79,12 @@ class Template:
             raise TemplateError(f"template uses an undefined value: {exc.message}") from None
         except jinja2.TemplateError as exc:
             raise TemplateError(f"template failed to render: {exc}") from None
+        except TypeError as exc:  # {% include %}, {% import %}, {% extends %}: templates load nothing
+            if "no loader" in str(exc):
+                raise TemplateError("templates cannot include, import or extend other templates") from None
+            raise TemplateError(f"template failed to render: {exc}") from None
+        except (OverflowError, MemoryError, RecursionError) as exc:  # range() past the sandbox's MAX_RANGE, ...
+            raise TemplateError(f"template exceeds the sandbox's limits: {exc}") from None
 
 
 def compile_template(source: str) -> Template:
