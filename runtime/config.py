@@ -167,8 +167,12 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         out.append('attention = "flash_attention_2" needs hardware.device = "cuda"')
     for stage in config.stages:
         where = f'stage "{stage.name}"'
-        if stage.kind not in ("sft", "pretrain"):
-            out.append(f"{where} is {stage.kind}; this runtime trains pretrain and sft stages")
+        if stage.kind == "ppo" and uses_deepspeed(hw):
+            out.append(f"{where} is ppo, which runs on one process or DistributedDataParallel; "
+                       "set hardware.zero_stage = 0 without offload for this recipe")
+        if stage.kind in ("reward", "ppo") and stage.adapter.kind == "prefix":
+            out.append(f"{where} is {stage.kind} with a prefix adapter; reward models and critics train "
+                       "lora, freeze or full adapters")
         if stage.optimizer == "adamw_8bit":
             out.append(f"{where} asks for adamw_8bit (bitsandbytes); this runtime has adamw, sgd and adafactor")
         if stage.packing:
@@ -177,6 +181,10 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         if not data.tokenized:
             out.append(f'data set "{stage.data}" was not tokenized at compile time (the tokenizer was not available)')
     return out
+
+
+def uses_deepspeed(hw: HardwareSpec) -> bool:
+    return bool(hw.zero_stage or hw.offload_optimizer or hw.offload_params)
 
 
 def load_runtime_config(build_dir: Path) -> RuntimeConfig:

@@ -115,3 +115,81 @@ def collate_prompts_left_padded(examples: Sequence[Encoded], pad_id: int) -> dic
         input_ids[row, width - len(e.prompt) :] = torch.tensor(e.prompt)
         attention_mask[row, width - len(e.prompt) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# ---------------------------------------------------------------------------------------------
+# preference pairs and scored rows (reward and dpo stages)
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """A preference pair: the same prompt with the chosen and the rejected completion."""
+
+    chosen: TrainRow
+    rejected: TrainRow
+    line: int
+
+    def __len__(self) -> int:  # for length grouping: the longer of the two sequences
+        return max(len(self.chosen), len(self.rejected))
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    """A prompt and completion with the numeric score a regression reward model learns."""
+
+    row: TrainRow
+    score: float
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
+def _completion_row(prompt: Sequence[int], completion: Sequence[int], line: int) -> TrainRow:
+    ids = tuple(prompt) + tuple(completion)
+    return TrainRow(ids, (IGNORE_INDEX,) * len(prompt) + tuple(completion), line)
+
+
+def read_pairs(path: Path) -> list[PairRow]:
+    """Preference records ({prompt, completion, rejected, rejected_prompt}) as pairs of sequences
+    that supervise only their completions."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            record = json.loads(raw)
+            if "rejected" not in record:
+                raise ValueError(f"{path}: line {record.get('line')} has no rejected completion; "
+                                 "the data set is not preference data (recompile the recipe)")
+            chosen = _completion_row(record["prompt"], record["completion"], record["line"])
+            rejected = _completion_row(record.get("rejected_prompt", record["prompt"]), record["rejected"], record["line"])
+            out.append(PairRow(chosen, rejected, record["line"]))
+    return out
+
+
+def read_scored(path: Path) -> list[ScoredRow]:
+    """Records with a `score` (written at compile time from the stage's score_field)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            record = json.loads(raw)
+            if "score" not in record:
+                raise ValueError(f"{path}: line {record.get('line')} has no score; recompile the recipe")
+            out.append(ScoredRow(_completion_row(record["prompt"], record["completion"], record["line"]),
+                                 float(record["score"])))
+    return out
+
+
+def read_prompts(path: Path) -> list[tuple[int, ...]]:
+    """The prompt token ids of every record (what a policy is asked to continue)."""
+    with open(path, encoding="utf-8") as f:
+        return [tuple(json.loads(raw)["prompt"]) for raw in f]
+
+
+def collate_pairs(pairs: Sequence[PairRow], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2B sequences: the B chosen rows, then the B rejected rows."""
+    return collate_rows([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+
+
+def collate_scored(rows: Sequence[ScoredRow], pad_id: int) -> dict[str, torch.Tensor]:
+    batch = collate_rows([r.row for r in rows], pad_id)
+    batch["scores"] = torch.tensor([r.score for r in rows], dtype=torch.float32)
+    return batch

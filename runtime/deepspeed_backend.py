@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO (stages 1-3, optional CPU offload) behind the same interface as the plain backend.
 
 The engine reads the build's own `ds_config.json` (the file `recipe compile` wrote and a reviewer
-saw), wraps the token loss module, and takes our optimizer and scheduler, so ZeRO changes where
+saw), wraps the stage's loss module, and takes our optimizer and scheduler, so ZeRO changes where
 state lives, not what is computed: on the same data the losses equal the plain backend's.
 """
 
@@ -14,8 +14,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from runtime.model import TokenLoss
 
 DS_TAG = "deepspeed"
 
@@ -40,7 +38,7 @@ def ds_config_path(build_dir: Path, stage_name: str, n_stages: int) -> Path:
 
 
 class DeepSpeedBackend:
-    def __init__(self, run, stage, model: torch.nn.Module, total_steps: int):
+    def __init__(self, run, stage, model: torch.nn.Module, loss_module: torch.nn.Module, total_steps: int):
         from runtime.train import _optimizer, _scheduler
 
         self.run, self.stage, self.model = run, stage, model
@@ -51,7 +49,6 @@ class DeepSpeedBackend:
         # the state; DeepSpeed's fused CPU Adam would need a compiled op.
         config["zero_force_ds_cpu_optimizer"] = False
         config["steps_per_print"] = 10**9  # progress is ours
-        loss_module = TokenLoss(model)
         optimizer = _optimizer(model, stage)
         scheduler = _scheduler(optimizer, stage, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -59,7 +56,7 @@ class DeepSpeedBackend:
         )
         self.gas = self.engine.gradient_accumulation_steps()
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict) -> tuple:
         return self.engine(**batch)
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:

@@ -139,8 +139,11 @@ def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
     raise ValueError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
 
 
-def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec) -> nn.Module:
-    """Make exactly the planned parameters trainable; returns the model to train (peft-wrapped or not)."""
+def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec, *, scalar: bool = False) -> nn.Module:
+    """Make exactly the planned parameters trainable; returns the model to train (peft-wrapped or not).
+
+    `scalar`: the model is a reward model or critic (a sequence-classification model with a
+    one-output `score` head), whose head is always trained, whatever the adapter."""
     p = adapter.params
     if adapter.kind == "full":
         return model
@@ -162,16 +165,22 @@ def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec) -> nn.Module:
             position = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2 learned positions
             if position is not None:
                 position.requires_grad_(True)
+        if scalar:
+            model.score.requires_grad_(True)
         return model
     from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
     if adapter.kind == "lora":
+        # SEQ_CLS makes peft train and save the new `score` head along with the low-rank matrices.
         config = LoraConfig(
-            task_type=TaskType.CAUSAL_LM, r=p["rank"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
+            task_type=TaskType.SEQ_CLS if scalar else TaskType.CAUSAL_LM, r=p["rank"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
             target_modules=p["targets"], bias=p["bias"], use_rslora=p["rslora"],
             fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores Conv1D weights transposed
         )
     elif adapter.kind == "prefix":
+        if scalar:
+            raise ValueError("prefix tuning trains language models only; give the reward or ppo stage a lora, "
+                             "freeze or full adapter")
         config = PrefixTuningConfig(
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=p["num_virtual_tokens"],
             prefix_projection=p["projection"],
@@ -208,9 +217,10 @@ class TokenLoss(nn.Module):
     one-token label that is 1 row per example instead of ~50. Prefix tuning's trained key/value
     prefixes are passed to the decoder as its past, exactly as peft's own forward does."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperature = temperature  # logits are divided by it (PPO scores samples as they were drawn)
         inner = hf_model(model)
         # A tuple, not attributes: registering them as submodules would list every weight twice.
         self._parts = (inner.base_model, inner.get_output_embeddings())
@@ -249,4 +259,6 @@ class TokenLoss(nn.Module):
         supervised = targets != IGNORE_INDEX  # [batch, seq-1]
         selected = hidden[:, :-1][supervised]  # [n_supervised, hidden]
         logits = head(selected).float()  # [n_supervised, vocab]
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         return F.cross_entropy(logits, targets[supervised], reduction="none"), supervised

@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,11 +39,16 @@ if not torch.cuda.is_available():
 from transformers import PreTrainedTokenizerFast, get_scheduler
 
 from runtime import checkpoint as ckpt
-from runtime.config import RUNTIME_CONFIG_FILE, IncompatibleBuildError, RuntimeConfig, StageSpec, load_runtime_config, unsupported
-from runtime.data import TrainRow, collate_rows, length_grouped_batches, read_training_rows
+from runtime import dpo, ppo, reward
+from runtime.config import (
+    RUNTIME_CONFIG_FILE, IncompatibleBuildError, RuntimeConfig, StageSpec, load_runtime_config, unsupported,
+    uses_deepspeed,
+)
+from runtime.data import collate_rows, length_grouped_batches, read_training_rows
 from runtime.model import (
     ModelLoadError, TokenLoss, apply_adapter, count_parameters, load_model,
 )
+from runtime.objective import Objective
 
 MODEL_DIR = "model"
 MERGED_DIR = "model-merged"
@@ -116,7 +122,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, stage: StageSpec, total_steps: 
     )
 
 
-def epoch_groups(rows: list[TrainRow], stage: StageSpec, seed: int, epoch: int, d: Dist) -> list[list[list[int]]]:
+def epoch_groups(rows: Sequence, stage: StageSpec, seed: int, epoch: int, d: Dist) -> list[list[list[int]]]:
     """This rank's micro-batches of one epoch, grouped into optimizer steps (grad_accum each).
 
     The order depends only on (seed, epoch), so a resumed run sees exactly the batches the
@@ -150,6 +156,8 @@ def _set_rng_state(state: dict) -> None:
 class Progress:
     """Rank 0's view of training: a progress bar on a terminal, a line per log step otherwise."""
 
+    EXTRA = ("accuracy", "margin", "reward_mean", "kl")  # shown beside the loss when a stage logs them
+
     def __init__(self, stage: StageSpec, total: int, start: int, enabled: bool):
         self.stage, self.total, self.enabled = stage, total, enabled
         self.bar = None
@@ -164,10 +172,12 @@ class Progress:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if record:
-                self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                extra = {key: f"{record[key]:.4f}" for key in self.EXTRA if key in record}
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", **extra, tok_s=f"{record['tokens_per_s']:.0f}")
         elif record:
+            extra = "".join(f" {key} {record[key]:.4f}" for key in self.EXTRA if key in record)
             print(
-                f"[{self.stage.name}] step {step}/{self.total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                f"[{self.stage.name}] step {step}/{self.total} loss {record['loss']:.4f}{extra} lr {record['lr']:.2e} "
                 f"{record['tokens_per_s']:.0f} tok/s eta {eta_s:.0f}s",
                 file=sys.stderr, flush=True,
             )
@@ -180,10 +190,10 @@ class Progress:
 class TorchBackend:
     """Plain PyTorch: one process, or DistributedDataParallel across several."""
 
-    def __init__(self, config: RuntimeConfig, stage: StageSpec, model: torch.nn.Module, d: Dist,
-                 device: torch.device, total_steps: int):
+    def __init__(self, config: RuntimeConfig, stage: StageSpec, model: torch.nn.Module, loss: torch.nn.Module,
+                 d: Dist, device: torch.device, total_steps: int):
         self.config, self.stage, self.model, self.d = config, stage, model, d
-        self.loss_module = TokenLoss(model).to(device)
+        self.loss_module = loss.to(device)
         self.wrapped: torch.nn.Module = self.loss_module
         if d.world > 1:
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -193,7 +203,7 @@ class TorchBackend:
         self.scheduler = _scheduler(self.optimizer, stage, total_steps)
         self.scaler = torch.amp.GradScaler(enabled=config.hardware.precision == "fp16")
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict) -> tuple:
         return self.wrapped(**batch)
 
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
@@ -249,16 +259,15 @@ def _load_trainable(model: torch.nn.Module, tensors: dict, folder: Path) -> None
 
 
 def _uses_deepspeed(config: RuntimeConfig) -> bool:
-    hw = config.hardware
-    return bool(hw.zero_stage or hw.offload_optimizer or hw.offload_params)
+    return uses_deepspeed(config.hardware)
 
 
-def _make_backend(run: "Run", stage: StageSpec, model: torch.nn.Module, total_steps: int):
+def _make_backend(run: "Run", stage: StageSpec, objective: Objective, total_steps: int):
     if _uses_deepspeed(run.config):
         from runtime.deepspeed_backend import DeepSpeedBackend
 
-        return DeepSpeedBackend(run, stage, model, total_steps)
-    return TorchBackend(run.config, stage, model, run.d, run.device, total_steps)
+        return DeepSpeedBackend(run, stage, objective.model, objective.loss, total_steps)
+    return TorchBackend(run.config, stage, objective.model, objective.loss, run.d, run.device, total_steps)
 
 
 @dataclass
@@ -281,18 +290,37 @@ class Run:
             print(message, file=sys.stderr, flush=True)
 
 
-def train_stage(run: Run, index: int, stage: StageSpec, model: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
-    config, d = run.config, run.d
-    data = config.data[stage.data]
+def language_model_objective(run: Run, stage: StageSpec, model: torch.nn.Module) -> Objective:
+    """pretrain and sft: cross-entropy on the supervised tokens (every token when pretraining)."""
+    data = run.config.data[stage.data]
     rows = read_training_rows(run.build_dir / data.train,
                               supervise_prompt=stage.kind == "pretrain" or data.template.loss == "all")
     model = apply_adapter(model, stage.adapter)
+    pad_id = run.config.model.pad_token_id
+    return Objective(rows=rows, loss=TokenLoss(model), model=model, collate=lambda items: collate_rows(items, pad_id))
+
+
+# Stage kinds that learn from a fixed data set, each with the objective it optimises. PPO samples
+# its own data and runs its own loop (runtime/ppo.py); `train` dispatches on STAGE_KINDS.
+OBJECTIVES = {
+    "pretrain": language_model_objective,
+    "sft": language_model_objective,
+    "reward": reward.objective,
+    "dpo": dpo.objective,
+}
+
+
+def train_stage(run: Run, index: int, stage: StageSpec, model: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
+    """One stage through the shared loop: returns the trained model and the stage's report."""
+    config, d = run.config, run.d
+    objective = OBJECTIVES[stage.kind](run, stage, model)
+    rows, model = objective.rows, objective.model
     params_total, params_trainable = count_parameters(model)
     steps_per_epoch = len(epoch_groups(rows, stage, config.seed, 0, d))
     if steps_per_epoch == 0:
         raise RuntimeError(f'stage "{stage.name}": {len(rows)} training rows make no batch for {d.world} processes')
     total_steps = stage.max_steps if stage.max_steps is not None else steps_per_epoch * stage.epochs
-    backend = _make_backend(run, stage, model, total_steps)
+    backend = _make_backend(run, stage, objective, total_steps)
 
     step, tokens, elapsed_before = 0, 0, 0.0
     resume = run.resume if run.resume and run.resume[1].stage_index == index else None
@@ -315,23 +343,26 @@ def train_stage(run: Run, index: int, stage: StageSpec, model: torch.nn.Module) 
     progress = Progress(stage, total_steps, step, d.is_main)
     started = time.perf_counter()
     first_loss = final_loss = None
-    window = {"loss": 0.0, "tokens": 0, "real": 0, "start": started}
+    window = {"loss": 0.0, "count": 0, "real": 0, "start": started, "stats": {}}
     model.train()
     while step < total_steps:
         epoch, group = divmod(step, steps_per_epoch)
         groups = epoch_groups(rows, stage, config.seed, epoch, d)
         micro_batches = groups[group]
         for k, micro in enumerate(micro_batches):
-            batch = collate_rows([rows[j] for j in micro], config.model.pad_token_id)
+            batch = objective.collate([rows[j] for j in micro])
             batch = {key: value.to(run.device) for key, value in batch.items()}
             with _autocast(config, run.device):
-                loss_sum, n_tokens = backend.forward(batch)
-            # Mean over the supervised tokens of this micro-batch, averaged over accumulation.
-            loss = loss_sum / n_tokens.clamp(min=1) / len(micro_batches)
+                out = backend.forward(batch)
+            loss_sum, count = out[0], out[1]
+            # Mean over the supervised tokens (or pairs, rows) of this micro-batch, averaged over accumulation.
+            loss = loss_sum / count.clamp(min=1) / len(micro_batches)
             backend.backward(loss, last_micro=k == len(micro_batches) - 1)
             window["loss"] += loss_sum.item()
-            window["tokens"] += int(n_tokens)
+            window["count"] += int(count)
             window["real"] += int(batch["attention_mask"].sum())
+            for name, value in (out[2] if len(out) > 2 else {}).items():
+                window["stats"][name] = window["stats"].get(name, 0.0) + float(value)
         grad_norm = backend.step()
         step += 1
         if step % stage.log_every_steps == 0 or step == total_steps:
@@ -342,7 +373,8 @@ def train_stage(run: Run, index: int, stage: StageSpec, model: torch.nn.Module) 
                 "stage": stage.name,
                 "step": step,
                 "epoch": round(epoch + (group + 1) / steps_per_epoch, 3),
-                "loss": round(window["loss"] / max(1, window["tokens"]), 5),
+                "loss": round(window["loss"] / max(1, window["count"]), 5),
+                **{name: round(value / max(1, window["count"]), 5) for name, value in window["stats"].items()},
                 "lr": backend.lr(),
                 "grad_norm": round(grad_norm, 4),
                 "tokens_per_s": round(real / (now - window["start"]), 1),
@@ -358,7 +390,7 @@ def train_stage(run: Run, index: int, stage: StageSpec, model: torch.nn.Module) 
                 metrics.flush()
             eta = (now - started) / max(1, step - (resume[1].step if resume else 0)) * (total_steps - step)
             progress.update(step, record, eta)
-            window = {"loss": 0.0, "tokens": 0, "real": 0, "start": now}
+            window = {"loss": 0.0, "count": 0, "real": 0, "start": now, "stats": {}}
         else:
             progress.update(step, None, 0.0)
         if stage.save_every_steps and step % stage.save_every_steps == 0 and step < total_steps:
@@ -381,8 +413,13 @@ def train_stage(run: Run, index: int, stage: StageSpec, model: torch.nn.Module) 
         if run.device.type == "cuda" else None,
         "peak_rss_gib": round(_peak_rss_gib(), 3), "first_loss": first_loss, "final_loss": final_loss,
         "examples": len(rows), "params_total": params_total, "params_trainable": params_trainable,
+        "loss_unit": objective.unit,
     }
-    return backend.trained_model(), report
+    trained = backend.trained_model()
+    if objective.heldout is not None and d.is_main:
+        report["heldout"] = objective.heldout()
+        run.log(f'[{stage.name}] held out: {json.dumps(report["heldout"], sort_keys=True)}')
+    return trained, report
 
 
 def _all_ranks_sum(value: int, d: Dist) -> int:
@@ -485,18 +522,33 @@ def _finish_stage(run: Run, stage: StageSpec, model: torch.nn.Module, report: di
 
 
 def load_stage_output(config: RuntimeConfig, build_dir: Path, stage_name: str) -> torch.nn.Module:
-    """A finished stage's model as the next stage starts from it: adapters merged into their base."""
+    """A finished stage's model as the next stage starts from it: adapters merged into their base.
+    A reward stage's output is a sequence-classification model (the reward head included)."""
     stage = next(s for s in config.stages if s.name == stage_name)
     folder = _stage_dir(build_dir, stage) / MODEL_DIR
-    base = starting_model(config, build_dir, stage)
     if stage.adapter.kind in ("lora", "prefix"):
         from peft import PeftModel
 
+        base = starting_model(config, build_dir, stage)
+        if stage.kind == "reward" and not reward.is_scalar(base):
+            base = reward.scalar_model(base, config.seed)  # its head is replaced by the saved one
         return _merged(PeftModel.from_pretrained(base, folder))
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                attn_implementation=config.hardware.attention)
+    auto = AutoModelForSequenceClassification if stage.kind == "reward" else AutoModelForCausalLM
+    return auto.from_pretrained(folder, dtype=torch.float32, attn_implementation=config.hardware.attention)
+
+
+def reference_model(run: Run, name: str) -> torch.nn.Module:
+    """A frozen copy of "base" or of an earlier stage's output, on this run's device."""
+    stage = next((s for s in run.config.stages if s.name == name), None)
+    if name == "base" or stage is None:
+        torch.manual_seed(run.config.seed)
+        model = load_model(run.config.model, run.config.hardware)
+    else:
+        model = load_stage_output(run.config, run.build_dir, name)
+    model.requires_grad_(False)
+    return model.eval().to(run.device)
 
 
 def starting_model(config: RuntimeConfig, build_dir: Path, stage: StageSpec) -> torch.nn.Module:
@@ -554,7 +606,8 @@ def train(config: RuntimeConfig, build_dir: Path, d: Dist) -> dict:
         if model is None or stage.start != previous:
             model = starting_model(config, build_dir, stage)
         model = model.to(device)
-        trained, report = train_stage(run, index, stage, model)
+        runner = ppo.train_stage if stage.kind == "ppo" else train_stage
+        trained, report = runner(run, index, stage, model)
         _finish_stage(run, stage, trained, report, last)
         d.barrier()
         reports.append(report)

@@ -1,0 +1,40 @@
+"""What a training stage optimises, in the shape the shared training loop runs.
+
+The loop in runtime/train.py (batching, accumulation, DDP or DeepSpeed, checkpoints, metrics) is
+the same for every stage that learns from a fixed data set; only the rows, their batching and
+the loss differ. Each such stage kind builds an `Objective`; PPO, which makes its own data by
+sampling, has its own loop in runtime/ppo.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Objective:
+    rows: Sequence[Any]  # training items; len(item) is its length in tokens (for length grouping)
+    # forward(**batch) -> (loss sum, items counted, {metric: sum over items}); the loop divides by the count
+    loss: nn.Module
+    model: nn.Module  # the model being trained: checkpointed and saved as the stage's output
+    collate: Callable[[Sequence[Any]], dict[str, torch.Tensor]]
+    heldout: Callable[[], dict] | None = None  # held-out metrics once trained (rank 0 only)
+    unit: str = "tokens"  # what the loss is averaged over: supervised tokens, pairs or rows
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Preference stages compare log-probabilities or rewards of the same text under two models or
+    two passes; dropout noise would bias those differences (trl disables it too, by default)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style functional dropout
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)

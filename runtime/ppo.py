@@ -1,0 +1,463 @@
+"""PPO stage: the policy samples completions of the data's prompts, a reward model scores them,
+and the policy is updated to earn more reward without drifting far from a frozen reference.
+
+Models (Ouyang et al. 2022; the ColossalChat / ChatLLaMA pipeline):
+  actor      the policy being trained, starting from the stage's `from` (usually the SFT model)
+  reference  frozen; the KL penalty keeps the actor near it. With a LoRA actor on the same weights
+             it is the actor with the adapter switched off, so it costs no memory
+  reward     the `reward_model` stage's output, frozen; scores a whole prompt + completion
+  critic     estimates the value of every position; starts from `critic_from` (the reward model)
+
+One step of this stage is one rollout batch:
+  1. sample completions of `rollout_batch_size` prompts per process (the generation settings of
+     the recipe), cut after the first end-of-sequence token;
+  2. score them: log-probabilities under actor and reference, values from the critic, and the
+     reward model's score of each whole sequence;
+  3. per-token rewards r_t = -kl_coef (log pi(a_t) - log ref(a_t)), plus the score on the last
+     token; advantages by GAE(gamma, lam), whitened over the batch; returns = advantages + values;
+  4. `ppo_epochs` passes over the batch in micro-batches:
+       actor  (1 - ptx_coef) * clipped policy loss + ptx_coef * language-model loss on `ptx_data`
+              (the convex mix of ColossalChat; ptx_coef = 0 is plain PPO)
+       critic 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped within value_clip of the old value.
+
+Tensors of a rollout are [batch, seq - 1]: column t holds what concerns the token at t + 1
+(its log-probability, the value before it is sampled, its reward); `mask` marks completion tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime import checkpoint as ckpt
+from runtime.config import StageSpec
+from runtime.data import IGNORE_INDEX, TrainRow, collate_rows, read_prompts, read_training_rows
+from runtime.model import TokenLoss, apply_adapter, count_parameters
+from runtime.objective import disable_dropout
+from runtime.reward import ScalarHead, is_scalar, scalar_model
+
+HELDOUT_PROMPTS = 64  # held-out prompts whose mean reward is reported before and after the stage
+HELDOUT_SEED = 1234  # sampling seed of that measurement, so before and after see the same draws
+
+
+# ---------------------------------------------------------------------------------------------
+# the arithmetic (each piece checked by hand in tests/test_ppo.py)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (std with Bessel's correction); zero elsewhere."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def token_rewards(logps: torch.Tensor, ref_logps: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                  kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards (-kl_coef * KL estimate, plus the score on each row's last completion
+    token) and the per-token KL estimate log pi - log ref (zero outside the mask)."""
+    kl = (logps - ref_logps) * mask
+    rewards = -kl_coef * kl
+    last = _last_index(mask)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def _last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's last masked entry ([batch]); completions are contiguous."""
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    return (columns * mask.long()).argmax(dim=1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), right to left along each row:
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1}; the value after the
+    last completion token is 0. Returns (advantages, returns = advantages + values), zero off-mask."""
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * m
+        # outside the completion, carry nothing leftwards into the prompt
+        next_value = values[:, t] * m
+        next_advantage = advantage * m
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate: mean over tokens of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps));
+    also the share of tokens where the clip was active."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac.detach()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               value_clip: float) -> torch.Tensor:
+    """0.5 * mean over tokens of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)."""
+    clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# the models
+
+
+class PolicyLogps(TokenLoss):
+    """forward -> log-probabilities of the supervised tokens laid out as [batch, seq - 1], and the mask."""
+
+    def forward(self, input_ids, attention_mask, labels, plain: bool = False):
+        temperature = self.temperature
+        if plain:  # the PTX language-model loss uses unscaled logits
+            self.temperature = 1.0
+        try:
+            losses, supervised = self.token_losses(input_ids, attention_mask, labels)
+        finally:
+            self.temperature = temperature
+        logps = torch.zeros(supervised.shape, dtype=losses.dtype, device=losses.device)
+        logps[supervised] = -losses
+        return logps, supervised.float()
+
+    @torch.no_grad()
+    def reference(self, input_ids, attention_mask, labels, reference: TokenLoss | None) -> torch.Tensor:
+        """The same log-probabilities under the reference: a separate model, or the adapter off."""
+        if reference is not None:
+            return PolicyLogps.forward(reference, input_ids, attention_mask, labels)[0]
+        prefix, self._prefix = self._prefix, 0
+        try:
+            with self.model.disable_adapter():
+                return self.forward(input_ids, attention_mask, labels)[0]
+        finally:
+            self._prefix = prefix
+
+
+class CriticValues(ScalarHead):
+    """forward -> the value before each next token, [batch, seq - 1]."""
+
+    def forward(self, input_ids, attention_mask):
+        return self.values(input_ids, attention_mask)[:, :-1]
+
+
+@dataclass
+class Rollout:
+    batch: dict[str, torch.Tensor]  # right-padded prompt + completion, labels on the completion
+    mask: torch.Tensor  # [B, L-1] float: completion tokens
+    logps: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor  # [B] reward model scores
+    kl: torch.Tensor  # [B] summed KL estimate per completion
+
+
+def sample(actor: nn.Module, prompts: list[tuple[int, ...]], stage: StageSpec, *, pad_id: int, eos_id: int | None,
+           max_new_tokens: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Sample one completion per prompt and lay each out right-padded: prompt, completion up to and
+    including the first end-of-sequence token, padding. Labels mark the completion."""
+    g = stage.params["generation"]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every row's next token is generated at one column
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attention[i, width - len(p):] = 1
+    was_training = actor.training
+    actor.eval()
+    try:
+        with torch.no_grad():
+            generated = actor.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+                do_sample=g["do_sample"], temperature=g["temperature"], top_k=g["top_k"], top_p=g["top_p"],
+                pad_token_id=pad_id, eos_token_id=eos_id,
+            )
+    finally:
+        actor.train(was_training)
+    rows = []
+    for i, p in enumerate(prompts):
+        new = generated[i, width:].tolist()
+        if eos_id is not None and eos_id in new:
+            new = new[: new.index(eos_id) + 1]
+        if not new:  # an empty completion has nothing to score; keep one token so every row counts
+            new = [eos_id if eos_id is not None else pad_id]
+        rows.append(TrainRow(tuple(p) + tuple(new), (IGNORE_INDEX,) * len(p) + tuple(new), i))
+    return collate_rows(rows, pad_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+class PpoStage:
+    """Everything one PPO stage holds; `run` drives it from train()."""
+
+    def __init__(self, run, index: int, stage: StageSpec, start: nn.Module):
+        from runtime.train import TorchBackend, reference_model
+
+        self.run, self.index, self.stage = run, index, stage
+        config, p = run.config, stage.params
+        self.params = p
+        data = config.data[stage.data]
+        self.prompts = read_prompts(run.build_dir / data.train)
+        self.heldout_prompts = read_prompts(run.build_dir / data.heldout)[:HELDOUT_PROMPTS]
+        self.ptx_rows = read_training_rows(run.build_dir / config.data[p["ptx_data"]].train) if p["ptx_coef"] > 0 else []
+        self.pad_id = config.model.pad_token_id
+        self.eos_id = config.model.eos_token_id
+        self.max_new_tokens = self._max_new_tokens(data)
+
+        disable_dropout(start)
+        reference_name = p.get("reference") or stage.start
+        shares_weights = stage.adapter.kind == "lora" and reference_name == stage.start
+        self.reference = None
+        if not shares_weights:
+            frozen = copy.deepcopy(start) if reference_name == stage.start else reference_model(run, reference_name)
+            frozen.requires_grad_(False)
+            self.reference = TokenLoss(frozen.eval(), temperature=p["generation"]["temperature"])
+        self.reward = ScalarHead(reference_model(run, p["reward_model"]))
+        critic = reference_model(run, p.get("critic_from") or p["reward_model"])
+        if not is_scalar(critic):
+            critic = scalar_model(critic, config.seed)
+        critic.requires_grad_(True)
+        disable_dropout(critic)
+        critic = apply_adapter(critic.train().to(run.device), stage.adapter, scalar=True)
+        self.actor = apply_adapter(start, stage.adapter)
+        self.steps = self._total_steps()
+        updates = self.steps * p["ppo_epochs"] * self._updates_per_epoch()
+        self.actor_backend = TorchBackend(config, stage, self.actor, PolicyLogps(
+            self.actor, temperature=p["generation"]["temperature"]), run.d, run.device, updates)
+        critic_stage = stage.model_copy(update={"learning_rate": p.get("critic_learning_rate") or stage.learning_rate})
+        self.critic_backend = TorchBackend(config, critic_stage, critic, CriticValues(critic), run.d, run.device,
+                                           updates)
+        self.critic = critic
+
+    def _max_new_tokens(self, data) -> int:
+        """The recipe's max_new_tokens, or for "auto" the longest completion in the stage's data."""
+        wanted = self.params["generation"]["max_new_tokens"]
+        if isinstance(wanted, int):
+            return wanted
+        rows = read_training_rows(self.run.build_dir / data.train)
+        longest = max((sum(1 for t in r.labels if t != IGNORE_INDEX) for r in rows), default=0)
+        return longest or 64
+
+    def _total_steps(self) -> int:
+        per_step = self.params["rollout_batch_size"] * self.run.d.world
+        if self.stage.max_steps is not None:
+            return self.stage.max_steps
+        return max(1, -(-len(self.prompts) // per_step)) * self.stage.epochs
+
+    def _updates_per_epoch(self) -> int:
+        micro = -(-self.params["rollout_batch_size"] // self.stage.micro_batch_size)
+        return -(-micro // self.stage.grad_accum)
+
+    def step_prompts(self, step: int) -> list[tuple[int, ...]]:
+        """This process's prompts for one step: a seeded shuffle per pass over the prompts."""
+        n, d = self.params["rollout_batch_size"], self.run.d
+        start = (step * d.world + d.rank) * n
+        out = []
+        for k in range(start, start + n):
+            epoch, i = divmod(k, len(self.prompts))
+            order = list(range(len(self.prompts)))
+            random.Random(self.run.config.seed + epoch).shuffle(order)
+            out.append(self.prompts[order[i]])
+        return out
+
+    def ptx_batch(self, update: int) -> dict[str, torch.Tensor]:
+        n = self.stage.micro_batch_size
+        rng_order = list(range(len(self.ptx_rows)))
+        epoch, offset = divmod(update * n, len(self.ptx_rows))
+        random.Random(self.run.config.seed + 7919 * (epoch + 1)).shuffle(rng_order)
+        picked = [self.ptx_rows[rng_order[(offset + j) % len(rng_order)]] for j in range(n)]
+        return collate_rows(picked, self.pad_id)
+
+    # -- one rollout -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[tuple[int, ...]]) -> Rollout:
+        p, device = self.params, self.run.device
+        batch = sample(self.actor, prompts, self.stage, pad_id=self.pad_id, eos_id=self.eos_id,
+                       max_new_tokens=self.max_new_tokens, device=device)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        actor = self.actor_backend.loss_module
+        logps, mask = actor(**batch)
+        ref_logps = actor.reference(**batch, reference=self.reference)
+        values = self.critic_backend.loss_module(batch["input_ids"], batch["attention_mask"]) * mask
+        scores = self.reward.rewards(batch["input_ids"], batch["attention_mask"])
+        rewards, kl = token_rewards(logps, ref_logps, scores, mask, p["kl_coef"])
+        advantages, returns = gae(rewards, values, mask, p["gamma"], p["lam"])
+        return Rollout(batch, mask, logps, values, whiten(advantages, mask), returns, scores, kl.sum(dim=1))
+
+    def update(self, r: Rollout, update_index: int, generator: torch.Generator) -> dict[str, float]:
+        """`ppo_epochs` passes over the rollout; returns the mean losses."""
+        p, stage = self.params, self.stage
+        n = r.mask.shape[0]
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "ptx_loss": 0.0, "clipfrac": 0.0}
+        updates = 0
+        for _ in range(p["ppo_epochs"]):
+            order = torch.randperm(n, generator=generator).tolist()
+            micro = [order[i : i + stage.micro_batch_size] for i in range(0, n, stage.micro_batch_size)]
+            for g in range(0, len(micro), stage.grad_accum):
+                group = micro[g : g + stage.grad_accum]
+                for k, rows in enumerate(group):
+                    last = k == len(group) - 1
+                    part = {key: value[rows] for key, value in r.batch.items()}
+                    mask = r.mask[rows]
+                    logps, _ = self.actor_backend.forward(part)
+                    pg, clipfrac = policy_loss(logps, r.logps[rows], r.advantages[rows], mask, p["clip_eps"])
+                    if p["ptx_coef"] > 0:
+                        self.actor_backend.backward((1 - p["ptx_coef"]) * pg / len(group), last_micro=False)
+                        ptx = {key: value.to(self.run.device) for key, value in self.ptx_batch(update_index + updates).items()}
+                        ptx_logps, ptx_mask = self.actor_backend.forward({**ptx, "plain": True})
+                        ptx_loss = -masked_mean(ptx_logps, ptx_mask)
+                        self.actor_backend.backward(p["ptx_coef"] * ptx_loss / len(group), last_micro=last)
+                        sums["ptx_loss"] += float(ptx_loss.detach())
+                    else:
+                        self.actor_backend.backward(pg / len(group), last_micro=last)
+                    values = self.critic_backend.forward({"input_ids": part["input_ids"],
+                                                          "attention_mask": part["attention_mask"]})
+                    vl = value_loss(values, r.values[rows], r.returns[rows], mask, p["value_clip"])
+                    self.critic_backend.backward(vl / len(group), last_micro=last)
+                    sums["policy_loss"] += float(pg)
+                    sums["value_loss"] += float(vl)
+                    sums["clipfrac"] += float(clipfrac)
+                self.actor_backend.step()
+                self.critic_backend.step()
+                updates += 1
+        micro_total = max(1, p["ppo_epochs"] * -(-n // stage.micro_batch_size))
+        return {k: v / micro_total for k, v in sums.items()}
+
+    @torch.no_grad()
+    def heldout_reward(self) -> dict | None:
+        """Mean reward of sampled completions of the held-out prompts, with a fixed sampling seed."""
+        if not self.heldout_prompts:
+            return None
+        scores, lengths = [], []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(HELDOUT_SEED)
+            for start in range(0, len(self.heldout_prompts), 16):
+                prompts = self.heldout_prompts[start : start + 16]
+                batch = sample(self.actor, prompts, self.stage, pad_id=self.pad_id, eos_id=self.eos_id,
+                               max_new_tokens=self.max_new_tokens, device=self.run.device)
+                batch = {k: v.to(self.run.device) for k, v in batch.items()}
+                scores.append(self.reward.rewards(batch["input_ids"], batch["attention_mask"]).cpu())
+                lengths.extend(((batch["labels"] != IGNORE_INDEX).sum(dim=1)).tolist())
+        s = torch.cat(scores)
+        return {"prompts": len(s), "mean_reward": round(float(s.mean()), 4),
+                "mean_completion_tokens": round(sum(lengths) / len(lengths), 2)}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save(self, folder: Path) -> None:
+        for name, backend in (("actor", self.actor_backend), ("critic", self.critic_backend)):
+            (folder / name).mkdir(exist_ok=True)
+            backend.save(folder / name)
+
+    def load(self, folder: Path) -> None:
+        self.actor_backend.load(folder / "actor")
+        self.critic_backend.load(folder / "critic")
+
+
+def train_stage(run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn.Module, dict]:
+    """Run one PPO stage (resumable at rollout boundaries); returns the actor and the report."""
+    from runtime.train import Progress, _peak_rss_gib, _save_checkpoint, _set_rng_state
+
+    d = run.d
+    ppo = PpoStage(run, index, stage, model)
+    params_total, params_trainable = count_parameters(ppo.actor)
+    before = ppo.heldout_reward() if d.is_main else None
+    step, tokens, elapsed_before = 0, 0, 0.0
+    resume = run.resume if run.resume and run.resume[1].stage_index == index else None
+    if resume is not None:
+        folder, state = resume
+        if state.world_size != d.world:
+            raise ckpt.CheckpointError(f"{folder} was written by {state.world_size} processes, this run has {d.world}; "
+                                       "resume with the same launch")
+        ppo.load(folder)
+        _set_rng_state(torch.load(folder / f"rng-rank{d.rank}.pt", weights_only=False))
+        step, tokens, elapsed_before = state.step, state.tokens, state.elapsed_s
+        run.log(f'resuming stage "{stage.name}" at step {step}/{ppo.steps} from {folder}')
+    metrics = open(run.build_dir / "metrics.jsonl", "a", encoding="utf-8") if d.is_main else None
+    progress = Progress(stage, ppo.steps, step, d.is_main)
+    started = time.perf_counter()
+    window: dict[str, float] = {}
+    window_steps, window_start, window_tokens = 0, started, 0
+    first = final = None
+    while step < ppo.steps:
+        # The update shuffle is seeded by the step, so a resumed run repeats it exactly.
+        generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step)
+        r = ppo.rollout(ppo.step_prompts(step))
+        losses = ppo.update(r, step * stage.params["ppo_epochs"] * ppo._updates_per_epoch(), generator)
+        step += 1
+        window_steps += 1
+        window_tokens += int(r.batch["attention_mask"].sum())
+        for key, value in {"reward_mean": float(r.scores.mean()), "kl": float(r.kl.mean()),
+                           "completion_tokens": float(r.mask.sum(dim=1).mean()), **losses}.items():
+            window[key] = window.get(key, 0.0) + value
+        if step % stage.log_every_steps == 0 or step == ppo.steps:
+            from runtime.train import _all_ranks_sum
+
+            now = time.perf_counter()
+            real = _all_ranks_sum(window_tokens, d)
+            tokens += real
+            record = {"stage": stage.name, "step": step, "lr": ppo.actor_backend.lr(),
+                      "tokens_per_s": round(real / (now - window_start), 1), "peak_rss_gib": round(_peak_rss_gib(), 3),
+                      **{k: round(v / window_steps, 5) for k, v in window.items()}}
+            record["loss"] = record["policy_loss"]
+            first = record if first is None else first
+            final = record
+            if metrics:
+                metrics.write(json.dumps(record, sort_keys=True) + "\n")
+                metrics.flush()
+            eta = (now - started) / max(1, step - (resume[1].step if resume else 0)) * (ppo.steps - step)
+            progress.update(step, record, eta)
+            window, window_steps, window_start, window_tokens = {}, 0, now, 0
+        if stage.save_every_steps and step % stage.save_every_steps == 0 and step < ppo.steps:
+            state = ckpt.TrainState(
+                config_sha256=run.config_sha256, stage_index=index, stage=stage.name, step=step,
+                total_steps=ppo.steps, epoch=0, batch=step, tokens=tokens,
+                elapsed_s=round(elapsed_before + time.perf_counter() - started, 3), world_size=d.world,
+            )
+            _save_checkpoint(run, ppo, state, stage.keep_checkpoints)
+    progress.close()
+    if metrics:
+        metrics.close()
+    wall_s = elapsed_before + time.perf_counter() - started
+    report = {
+        "stage": stage.name, "kind": stage.kind, "adapter": stage.adapter.kind, "steps": ppo.steps,
+        "start_step": resume[1].step if resume else 0, "wall_s": round(wall_s, 2), "tokens": tokens,
+        "tokens_per_s": round(tokens / wall_s, 1) if wall_s else 0.0, "peak_memory_gib": None,
+        "peak_rss_gib": round(_peak_rss_gib(), 3),
+        "first_loss": first["policy_loss"] if first else None, "final_loss": final["policy_loss"] if final else None,
+        "first_reward": first["reward_mean"] if first else None, "final_reward": final["reward_mean"] if final else None,
+        "final_kl": final["kl"] if final else None, "examples": len(ppo.prompts),
+        "params_total": params_total, "params_trainable": params_trainable, "loss_unit": "tokens",
+        "max_new_tokens": ppo.max_new_tokens,
+    }
+    if run.device.type == "cuda":
+        report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 1024**3, 3)
+    if d.is_main:
+        report["heldout"] = {"before": before, "after": ppo.heldout_reward()}
+        run.log(f'[{stage.name}] held out: {json.dumps(report["heldout"], sort_keys=True)}')
+        from runtime.train import _write_tree
+
+        critic_dir = run.build_dir / "stages" / stage.name / "critic"  # beside the actor's stages/<name>/model
+        critic_dir.parent.mkdir(parents=True, exist_ok=True)
+        _write_tree(critic_dir, lambda tmp: ppo.critic.save_pretrained(tmp, safe_serialization=True))
+    return ppo.actor, report
