@@ -24,7 +24,9 @@ from compiler.params import Architecture, lora_parameters, parameters
 from compiler.recipe import (
     DpoStage,
     FullAdapter,
+    LoraAdapter,
     PpoStage,
+    PrefixAdapter,
     PretrainedModel,
     Recipe,
     RewardStage,
@@ -137,9 +139,10 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
 
 
 def _frozen_models(stage: Stage, adapter, total: int) -> tuple[int, ...]:
-    """Models a stage holds besides the one it trains (with an adapter, the reference is the base
-    model with the adapter switched off, so it costs nothing extra)."""
-    shares_base = not isinstance(adapter, FullAdapter)
+    """Models a stage holds besides the one it trains (with an adapter on the weights the reference
+    names, the reference is the model with the adapter switched off, so it costs nothing extra)."""
+    shares_base = isinstance(stage, (DpoStage, PpoStage)) and isinstance(adapter, (LoraAdapter, PrefixAdapter)) \
+        and (stage.reference or stage.start) == stage.start
     if isinstance(stage, DpoStage):
         return () if shares_base else (total,)
     if isinstance(stage, PpoStage):

@@ -172,8 +172,8 @@ class PpoStage(_StageBase):
     """Policy ratio clip range."""
     value_clip: PositiveFloat = 0.4
     """Value function clip range."""
-    ptx_coef: NonNegativeFloat = 0.0
-    """Weight of the pretraining (PTX) loss mixed into the policy loss."""
+    ptx_coef: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Share of the pretraining (PTX) loss in the actor's loss: (1 - ptx_coef) x PPO + ptx_coef x PTX."""
     ptx_data: str | None = None
     """Data set for the PTX loss (needed when ptx_coef > 0)."""
     gamma: float = Field(default=1.0, gt=0.0, le=1.0)
