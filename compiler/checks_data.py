@@ -34,8 +34,8 @@ def dataset_fields(ds: Dataset) -> set[str] | None:
         if ds.columns is None:
             return None
         base = set(ds.columns) | set(ds.fields)
-    else:
-        base = set(FORMAT_FIELDS[ds.format])
+    else:  # a delimited file's named columns are fields too (derive may read them)
+        base = set(FORMAT_FIELDS[ds.format]) | set(ds.columns or ())
     return base | {d.name for d in ds.derive}
 
 
@@ -312,10 +312,20 @@ def _check_eval(ctx: Context) -> list[Diagnostic]:
         out.append(ctx.error(f"eval.data = {q(ev.data)} is not a data set", ("eval", "data"),
                              _suggest(ev.data, r.data, "data sets")))
         return out
+    target = next((s for s in r.stages if s.name == (ev.stage or r.stages[-1].name)), None)
+    if isinstance(target, RewardStage):
+        out.append(ctx.error(f"eval would evaluate stage {q(target.name)}, a reward model; its held-out accuracy is "
+                             "measured when it trains and shown in the run report",
+                             ("eval", "stage") if ev.stage else ("eval",),
+                             "set eval.stage to a stage that trains a language model (sft, dpo, ppo), or drop [eval]"))
     name = ev.data or (r.stages[-1].data or next(iter(r.data)))
     if name not in r.data:
         return out
     ds = r.data[name]
+    if ds.format == "prompt":
+        out.append(ctx.error(f"eval reads data set {q(name)}, whose rows are prompts only: there is no completion "
+                             "to score", ("eval", "data") if ev.data else ("eval",),
+                             "set eval.data to a data set with completions"))
     if ev.kind == "classification":
         if ds.format in CHAT_FORMATS or ds.format == "preference":
             out.append(ctx.error(f'eval.kind = "classification" needs labelled rows, but data set {q(name)} is {ds.format}',

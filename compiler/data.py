@@ -94,15 +94,17 @@ def check_rows(rows: list[Row], ds: Dataset, display: str, report: DataReport | 
     good = []
     for row in rows:
         fields = _renamed(row.fields, ds.fields)
-        problems = check_record(fields, ds.format, row.file or display, row.line)
         for name in ds.html_unescape:
             if isinstance(fields.get(name), str):
                 fields[name] = html.unescape(fields[name])
+        derived = []
         for derive in ds.derive:
             value, problem = _bin(derive, fields.get(derive.source))
             if problem:
-                problems.append(RowProblem(row.file or display, row.line, "not_a_number", problem))
+                derived.append(RowProblem(row.file or display, row.line, "not_a_number", problem))
             fields[derive.name] = value
+        # Derived fields count as the format's fields (e.g. preference pairs cut from a score).
+        problems = check_record(fields, ds.format, row.file or display, row.line) + derived
         if ds.format == "instruction":
             fields.setdefault("input", "")
         report.problems += problems

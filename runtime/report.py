@@ -207,6 +207,7 @@ def _stage_entry(name: str, plan_stage: dict[str, Any], report: dict[str, Any], 
         "params_trainable": _compare(_get(plan_stage, "params", "trainable"), report.get("params_trainable")),
         "loss": _loss(report, records),
         "truncation": _truncation(plan_stage, plan),
+        "heldout": report.get("heldout"),
     }
 
 
@@ -361,6 +362,9 @@ def _stage_markdown(stage: dict[str, Any]) -> Iterable[str]:
                      f"{_fmt(loss['lowest_logged'], '.4f')}; {loss['logged_steps']} logged steps).")
     if stage["start_step"]:
         notes.append(f"Resumed from a checkpoint at step {stage['start_step']}.")
+    note = _heldout_note(stage.get("heldout"))
+    if note:
+        notes.append(note)
     t = stage["truncation"]
     if t is not None:
         of = f" of {t['examples']:,}" if t["examples"] is not None else ""
@@ -373,6 +377,24 @@ def _stage_markdown(stage: dict[str, Any]) -> Iterable[str]:
         yield f"- {note}"
     if notes:
         yield ""
+
+
+def _heldout_note(heldout: Any) -> str | None:
+    """Reward and DPO held-out accuracy and margin, PPO's mean held-out reward, before -> after."""
+    if not isinstance(heldout, dict):
+        return None
+    before, after = heldout.get("before"), heldout.get("after", heldout)
+    if not isinstance(after, dict):
+        return None
+    if "mean_reward" in after:
+        start = f"{_fmt(_get(before, 'mean_reward'), '.4f')} -> " if isinstance(before, dict) else ""
+        return (f"Held-out mean reward of sampled completions ({after.get('prompts')} prompts): "
+                f"{start}{_fmt(after['mean_reward'], '.4f')}.")
+    if "accuracy" in after:
+        start = f"{_fmt(_get(before, 'accuracy'), '.4f')} -> " if isinstance(before, dict) else ""
+        return (f"Held-out preference accuracy ({after.get('pairs')} pairs): {start}{_fmt(after['accuracy'], '.4f')}, "
+                f"mean margin {_fmt(after.get('mean_margin'), '.4f')}.")
+    return None
 
 
 def _eval_markdown(evaluation: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ def scalar_model(causal: PreTrainedModel, seed: int) -> PreTrainedModel:
         weight.copy_(torch.randn(weight.shape, generator=generator) / math.sqrt(config.hidden_size + 1))
         if getattr(model.score, "bias", None) is not None:
             model.score.bias.zero_()
-    if getattr(causal, "is_gradient_checkpointing", False):
+    if getattr(causal, "is_activation_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
