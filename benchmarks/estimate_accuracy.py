@@ -44,6 +44,7 @@ def ours(row: dict) -> float:
     pure = "bf16-true" in assumptions or "torchtune" in assumptions or "pure bf16" in assumptions
     coefficients = {p: ActivationCoefficients(**v) for p, v in activation_coefficients(facts.family).items()}
     optimizer = {"paged_adamw_8bit": "adamw_8bit"}.get(row["optimizer"], row["optimizer"])
+    quantization_format = row.get("quantization_format", "bnb-nf4")
     setup = TrainSetup(
         total_parameters=total, trainable_parameters=trainable, micro_batch_size=row["micro_batch_size"],
         seq_len=row["seq_len"], supervised_per_example=row["seq_len"], precision=row["precision"], device="cuda",
@@ -52,6 +53,11 @@ def ours(row: dict) -> float:
         offload_optimizer=row["offload"] != "none", offload_params=row["offload"] == "optimizer+params",
         gradient_checkpointing=row["gradient_checkpointing"], attention=row.get("attention", "sdpa"),
         master_weights=not pure, coefficients=coefficients,
+        optimizer_in_backward=row.get("optimizer_in_backward", False),
+        double_quantization=quantization_format in ("bnb-nf4-dq", "torchao-nf4"),
+        quantized_head=row.get("quantized_head", False),
+        quantized_keeps_inputs=quantization_format.startswith("bnb-"),
+        loss_logits=row.get("loss_logits", "fp32"), lora_dropout_inputs=row.get("lora_dropout_inputs", 0),
     )
     memory = train_memory(a, setup)
     peak = memory.peak_bytes - (memory.overhead_bytes if _ALLOCATED in row["measured_as"] else 0)

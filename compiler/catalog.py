@@ -194,10 +194,12 @@ _ACTIVATION_FAMILY = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwe
 
 @cache
 def activation_coefficients(family: str) -> dict[str, dict[str, float]]:
-    """{precision: coefficients} from specs/estimates/activations.toml (fp16 uses the bf16 fit)."""
+    """{key: coefficients} from specs/estimates/activations.toml, keyed by precision and mode
+    ("bf16", "bf16_pure", ...); fp16 uses the bf16 fits (the same widths)."""
     raw = tomllib.loads((specs_dir() / "estimates" / "activations.toml").read_text(encoding="utf-8"))
     fits = raw.get(_ACTIVATION_FAMILY.get(family, "llama"), {})
-    out = {precision: dict(values) for precision, values in fits.items()}
-    if "bf16" in out:
-        out.setdefault("fp16", out["bf16"])
+    out = {key: dict(values) for key, values in fits.items()}
+    for key in list(out):
+        if key.startswith("bf16"):
+            out.setdefault("fp16" + key[len("bf16"):], out[key])
     return out

@@ -96,10 +96,62 @@ def test_memory_breakdown_scales_as_documented() -> None:
     assert bf16.weights_bytes == 6000  # bf16 working copy + fp32 master
     assert bf16.overhead_bytes > 0
     lora = train_memory(a, _setup(trainable_parameters=10, precision="bf16", device="cuda", quantization="4bit"))
-    assert lora.weights_bytes == 990 // 2 + 10 * 6 and lora.optimizer_bytes == 80
+    # 4-bit: half a byte per weight plus one fp32 absmax per block of 64 weights (4 / 64 byte); the
+    # 990 frozen weights all fit in the blocks' linear layers here, so all of them are quantized
+    assert lora.weights_bytes == int(990 * (0.5 + 4 / 64)) + 10 * 6 == 616 and lora.optimizer_bytes == 80
+    double = train_memory(a, _setup(trainable_parameters=10, precision="bf16", device="cuda", quantization="4bit",
+                                    double_quantization=True))
+    # QLoRA's double quantization: 8-bit absmax per 64 weights, one fp32 constant per 256 blocks
+    assert double.weights_bytes == int(990 * (0.5 + 1 / 64 + 4 / (64 * 256))) + 10 * 6 == 570
     zero3 = train_memory(a, _setup(world_size=4, zero_stage=3))
     assert (zero3.weights_bytes, zero3.gradients_bytes, zero3.optimizer_bytes) == (1000, 1000, 2000)
+    # two whole blocks are gathered at a time; a GPT-2 block of width 64: c_attn 64x192+192, attention
+    # c_proj 64x64+64, c_fc 64x256+256, MLP c_proj 256x64+64, two LayerNorms 2x(64+64) = 49,984 fp32 weights
+    assert zero3.gathered_bytes == 2 * 49_984 * 4
+    assert zero3.peak_bytes == 1000 + 2 * 49_984 * 4 + 2000 + max(zero3.activations_bytes + zero3.logits_bytes, 1000)
     zero1 = train_memory(a, _setup(world_size=4, zero_stage=1))
     assert (zero1.weights_bytes, zero1.gradients_bytes, zero1.optimizer_bytes) == (4000, 4000, 2000)
     checkpointed = train_memory(a, _setup(gradient_checkpointing=True))
     assert checkpointed.activations_bytes < fp32.activations_bytes
+
+
+def test_optimizer_in_backward_holds_one_gradient_at_a_time() -> None:
+    # GPT-2 width 64 with a 50,257 vocabulary: the largest gradient is the embedding-sized output
+    # matrix, 50,257 x 64 fp32 values; it is alive at the end of forward, with the activations
+    a = architecture(_gpt2_facts(64, 2, 2, 64))
+    n = 10_000_000
+    stepped = train_memory(a, _setup(total_parameters=n, trainable_parameters=n, optimizer_in_backward=True))
+    assert stepped.gradients_bytes == 50_257 * 64 * 4
+    assert stepped.peak_bytes == 4 * n + 8 * n + stepped.activations_bytes + stepped.logits_bytes + 50_257 * 64 * 4
+
+
+def test_offloaded_parameters_take_their_gradients_along() -> None:
+    a = architecture(_gpt2_facts(64, 2, 2, 64))
+    offloaded = train_memory(a, _setup(world_size=2, zero_stage=3, offload_optimizer=True, offload_params=True))
+    assert (offloaded.weights_bytes, offloaded.gradients_bytes, offloaded.optimizer_bytes) == (0, 0, 0)
+    assert offloaded.gathered_bytes == 2 * 49_984 * 4  # two GPT-2 blocks of width 64 (see above), fp32
+
+
+@pytest.mark.parametrize(("loss", "bytes_per_logit"), [("fp32", 3 * 4), ("chunked_fp32", 2 + 4), ("half", 2 * 2)])
+def test_logits_cost_what_the_loss_holds(loss: str, bytes_per_logit: int) -> None:
+    # bf16: fp32 logits, log-softmax and gradient (12 B); bf16 logits + fp32 log-softmax per chunk (6 B);
+    # bf16 logits and bf16 log-softmax (4 B). 4 sequences x 1 supervised position x 50,257 entries.
+    a = architecture(_gpt2_facts(64, 2, 2, 64))
+    m = train_memory(a, _setup(precision="bf16", loss_logits=loss))
+    assert m.logits_bytes == 4 * 1 * 50_257 * bytes_per_logit
+
+
+def test_activation_coefficients_follow_how_the_weights_are_held() -> None:
+    from compiler.estimate import coefficient_keys, half_precision_weights
+
+    full = _setup(precision="bf16")
+    assert not half_precision_weights(full) and coefficient_keys(full)[0] == "bf16"  # fp32 weights, autocast
+    assert coefficient_keys(_setup(precision="bf16", master_weights=False))[0] == "bf16_pure"
+    assert coefficient_keys(_setup(precision="bf16", zero_stage=2, world_size=2))[0] == "bf16_pure"  # DeepSpeed casts
+    adapter = _setup(precision="bf16", trainable_parameters=10)
+    assert coefficient_keys(adapter)[:2] == ["bf16_pure_lora", "bf16_pure"]
+    qlora = _setup(precision="bf16", trainable_parameters=10, quantization="4bit")
+    assert coefficient_keys(qlora)[0] == "bf16_pure_qlora"
+    torchao = _setup(precision="bf16", trainable_parameters=10, quantization="4bit", quantized_keeps_inputs=False)
+    assert coefficient_keys(torchao)[0] == "bf16_pure_lora"
+    assert coefficient_keys(_setup())[0] == "fp32"
