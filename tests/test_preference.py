@@ -202,6 +202,7 @@ def _chain_recipe(folder: Path, *, model: dict | None = None, adapter: dict | No
              "max_steps": 16, "save_every_steps": 4, "rollout_batch_size": 8, "ppo_epochs": 2, "ptx_coef": 0.1,
              "ptx_data": "sft", "generation": {"max_new_tokens": 4}},
         ],
+        "eval": {"kind": "language_model", "data": "sft", "stage": "ppo", "samples": 2},
         "hardware": {"device": "cpu"},
     }
     if adapter:
@@ -281,6 +282,18 @@ def test_ppo_raises_the_reward_with_bounded_kl(chain: Path) -> None:
     assert all(0.0 <= r["clipfrac"] <= 1.0 for r in records)
     assert (chain / "stages" / "ppo" / "critic" / "config.json").is_file()
     assert (chain / "model" / "config.json").is_file()  # the actor is the chain's output
+
+
+@pytest.mark.slow
+def test_the_ppo_policy_is_evaluated_as_a_language_model(chain: Path) -> None:
+    """`recipe eval` loads the PPO actor (a LoRA-free full model here) on its SFT start and scores the
+    held-out completions."""
+    result = run_cli("eval", str(chain), cwd=chain.parent)
+    assert result.returncode == 0, result.stderr
+    evaluation = json.loads((chain / "eval.json").read_text())
+    assert evaluation["n"] == 32 and math.isfinite(evaluation["loss"])  # the 32 held-out SFT rows
+    assert evaluation["perplexity"] == pytest.approx(math.exp(evaluation["loss"]), rel=1e-3)
+    assert len(evaluation["samples"]) == 2
 
 
 @pytest.mark.slow
