@@ -6,10 +6,11 @@ paths), so recompiling an unchanged recipe gives byte-identical files.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +47,7 @@ from compiler.recipe import (
 from compiler.stage_estimate import StageEstimate, estimate_stage
 from compiler.tokenizer import Encoder, folder_encoder, gguf_encoder, tiktoken_encoder
 from compiler.validate import validate
+from runtime import checkpoint as ckpt
 from runtime.config import (
     SCHEMA_VERSION,
     AdapterSpec,
@@ -126,33 +128,69 @@ def compile_recipe(path: Path, overrides: Sequence[Override] = ()) -> Build:
     return Build(name=recipe.name, files=files, plan=plan, warnings=tuple(warnings))
 
 
-def write_build(build: Build, out_dir: Path) -> None:
-    """Write each file atomically (temp file, then rename) and remove artifacts a previous compile
-    wrote that this one no longer produces. Run outputs (model, metrics, eval) are left alone."""
+def write_build(build: Build, out_dir: Path) -> list[str]:
+    """Write the build's files into `out_dir` as one change, and remove artifacts a previous
+    compile wrote that this one no longer produces. Run outputs (checkpoints, stages, model,
+    metrics, eval) and anything else in the folder are left where they are.
+
+    A compile killed at any moment leaves the previous build whole (a half-done swap is rolled
+    back by the next compile, `recipe run` or `recipe eval`), or, with no previous build, a folder
+    that `recipe run` recognises as incomplete (`incomplete_build`). Refused while a run trains
+    the folder. Returns notes on what an earlier, interrupted compile had left."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = _previous_artifacts(out_dir)
-    for rel, content in sorted(build.files.items()):
-        target = out_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.is_file() and target.read_bytes() == content:
-            continue
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(content)
-        if rel.endswith(".sh"):
-            tmp.chmod(0o755)
-        os.replace(tmp, target)
-    for rel in previous - set(build.files):
-        stale = out_dir / rel
-        if stale.is_file():
-            stale.unlink()
+    with ckpt.folder_lock(out_dir), _no_run_training(out_dir):
+        leftovers = ckpt.interrupted_swaps(out_dir, COMPILE_SWAP)
+        restored = ckpt.roll_back_interrupted(out_dir, COMPILE_SWAP, clean=True)
+        stale = _previous_artifacts(out_dir) - set(build.files)
+        files: dict[str, bytes | None] = {**build.files, **dict.fromkeys(stale)}
+        ckpt.replace_files(out_dir, COMPILE_SWAP, files, frozenset(r for r in build.files if r.endswith(".sh")))
+    if restored:
+        return [f"{out_dir} was left half-replaced by an interrupted `recipe compile`; restored the build it "
+                "replaced, then wrote this one"]
+    if leftovers:
+        return [f"removed the leftovers of an interrupted `recipe compile` from {out_dir}"]
+    return []
+
+
+COMPILE_SWAP = "compile"  # runtime.checkpoint.replace_files staging: <out>/.swap-compile-<pid>/
+# The lock runtime/train.py holds while it trains a build (runtime.train.LOCK_FILE).
+RUN_LOCK_FILE = ".run.lock"
+
+
+@contextlib.contextmanager
+def _no_run_training(out_dir: Path):
+    """Refuse to change a build while a run trains it (its runtime.json would change underneath)."""
+    path = out_dir / RUN_LOCK_FILE
+    if not path.is_file():
+        yield
+        return
+    with open(path, "r+b") as lock:  # writable: NFS grants exclusive locks only on files open for writing
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RecipeError.single(
+                f"a run is training {out_dir} right now; wait for it to finish, or compile into another "
+                "directory with --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def incomplete_build(out_dir: Path) -> bool:
+    """True for a folder a compile began but never finished (with no earlier build to fall back on)."""
+    return not (out_dir / "runtime.json").is_file() and bool(ckpt.interrupted_swaps(out_dir, COMPILE_SWAP))
 
 
 def _previous_artifacts(out_dir: Path) -> set[str]:
     manifest = out_dir / MANIFEST_FILE
     try:
-        return set(json.loads(manifest.read_text())["files"]) | {MANIFEST_FILE}
+        files = set(json.loads(manifest.read_text())["files"]) | {MANIFEST_FILE}
     except (OSError, ValueError, KeyError, TypeError):
         return set()
+    # Only paths inside the folder: an edited manifest must not make a compile delete anything else.
+    return {rel for rel in files if isinstance(rel, str) and rel and not Path(rel).is_absolute()
+            and ".." not in Path(rel).parts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +276,7 @@ _STAGE_PARAMS_EXCLUDE = {"name", "kind", "data", "start", "adapter"}
 def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int) -> StageSpec:
     r = loaded.recipe
     t = training(r, stage)
-    steps = planned_steps(t, n_train, r.hardware.nodes * r.hardware.nproc_per_node)
+    steps = planned_steps(t, n_train, r.hardware.nodes * r.hardware.nproc_per_node, stage)
     warmup = t.warmup_steps if t.warmup_ratio is None else math.ceil(t.warmup_ratio * steps)
     own = {k: v for k, v in stage.model_dump(mode="json").items()
            if k not in _STAGE_PARAMS_EXCLUDE and k not in type(t).model_fields}
@@ -354,11 +392,19 @@ def _eval_labels(loaded: LoadedRecipe, name: str, p: PreparedData) -> tuple[str,
 # estimates
 
 
-def planned_steps(t, n_train: int, world: int) -> int:
-    """Optimizer steps of a stage: max_steps, or epochs x ceil(examples / global batch)."""
+def planned_steps(t, n_train: int, world: int, stage: Stage | None = None) -> int:
+    """Steps of a stage: max_steps, or epochs x ceil(examples / examples per step). A step is an
+    optimizer step (micro-batch x accumulation x processes examples), for PPO one rollout batch
+    (rollout_batch_size prompts per process)."""
     if t.max_steps is not None:
         return t.max_steps
-    return max(1, -(-n_train // (t.micro_batch_size * t.grad_accum * world))) * t.epochs
+    return max(1, -(-n_train // _examples_per_step(t, world, stage))) * t.epochs
+
+
+def _examples_per_step(t, world: int, stage: Stage | None) -> int:
+    if isinstance(stage, PpoStage):
+        return stage.rollout_batch_size * world
+    return t.micro_batch_size * t.grad_accum * world
 
 
 def trainable_parameters(arch: Architecture, adapter) -> int:
@@ -383,8 +429,8 @@ def _estimate(loaded: LoadedRecipe, arch: Architecture, family: str, stage: Stag
         r, arch, family, stage, trainable=trainable_parameters(arch, stage_adapter(r, stage)), n_train=n_train,
         tokens_per_epoch=data.tokens_per_epoch, supervised_per_epoch=data.supervised_per_epoch,
         max_total_tokens=data.max_total_tokens, max_completion_tokens=data.max_completion_tokens,
-        mean_seq_len=data.mean_seq_len, steps=planned_steps(t, n_train, world),
-        steps_per_epoch=max(1, -(-n_train // (t.micro_batch_size * t.grad_accum * world))), dropout=dropout,
+        mean_seq_len=data.mean_seq_len, steps=planned_steps(t, n_train, world, stage),
+        steps_per_epoch=max(1, -(-n_train // _examples_per_step(t, world, stage))), dropout=dropout,
     )
 
 

@@ -52,7 +52,18 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     build = compile_recipe(Path(args.recipe), _overrides(args))
     out = Path(args.out) if args.out else Path("build") / build.name
-    write_build(build, out)
+    try:
+        notes = write_build(build, out)
+    except OSError as exc:
+        from runtime.checkpoint import write_failure
+
+        problem = write_failure(out, exc)
+        if problem is None:
+            raise
+        raise RecipeError.single(f"could not write {out}: {problem}; the build there (if any) is unchanged; free "
+                                 "some space and compile again") from None
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if build.warnings:
         print(render_all(build.warnings), file=sys.stderr)
     print(f"wrote {out}/ (plan: {out}/plan.md)")
@@ -198,11 +209,24 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _check_build(build_dir: Path) -> None:
-    """Refuse a directory that is not a build, or whose compiled files changed since compile."""
+    """Refuse a directory that is not a build, or whose compiled files changed since compile.
+    First undo any swap of files a killed `recipe compile` or `recipe eval` left half done."""
     import hashlib
 
+    from compiler.build import incomplete_build
+    from runtime import checkpoint as ckpt
     from runtime.config import IncompatibleBuildError, load_runtime_config, unsupported
 
+    if build_dir.is_dir():
+        with ckpt.folder_lock(build_dir):
+            restored = ckpt.roll_back_interrupted(build_dir)
+        if incomplete_build(build_dir):
+            raise RecipeError.single(
+                f"{build_dir} is incomplete: `recipe compile` was interrupted before it finished writing it; "
+                f"compile the recipe again (recipe compile RECIPE --out {build_dir})")
+        if restored:
+            print(f"note: {build_dir}: an interrupted `recipe compile` or `recipe eval` had left files half "
+                  "replaced; restored the ones before it", file=sys.stderr)
     try:
         config = load_runtime_config(build_dir)
     except IncompatibleBuildError as exc:
@@ -235,6 +259,7 @@ def _check_build(build_dir: Path) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     build_dir = Path(args.build)
     _check_build(build_dir)
+    _refuse_if_training(build_dir)
     launch = build_dir / "launch.sh"
     env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1")
     result = subprocess.run(["bash", str(launch)], env=env)
@@ -248,6 +273,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"{summary_line(json.loads(report.read_text()))}; report: {build_dir / 'run_report.md'}")
     _print_eval(build_dir)
     return EXIT_OK
+
+
+def _refuse_if_training(build_dir: Path) -> None:
+    """Say at once, before torchrun starts, that another run holds the build's run lock (training
+    checks again itself, which closes the race between two runs started together)."""
+    import fcntl
+
+    from compiler.build import RUN_LOCK_FILE
+
+    path = build_dir / RUN_LOCK_FILE
+    if not path.is_file():
+        return
+    with open(path, "r+b") as lock:  # writable: NFS grants exclusive locks only on files open for writing
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RecipeError.single(
+                f"another run is training {build_dir} right now; wait for it to finish (or compile the recipe "
+                "into another directory with --out)") from None
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import html
 import io
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,9 +216,14 @@ def _read_delimited(text: str, delimiter: str, columns: list[str] | None, displa
     return rows
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _read_jsonl(text: str, display: str, report: DataReport) -> list[Row]:
     rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \r\n, \r or \n only: str.splitlines() would also split at U+2028, U+2029 and
+    # U+0085, which JSON allows unescaped inside strings.
+    for line_number, line in enumerate(_LINE_BREAK.split(text), start=1):
         if not line.strip():
             continue
         try:

@@ -1,6 +1,7 @@
 """Evaluate a trained build on its held-out split: greedy generation after the prompt, the label
 extracted by the recipe's rule, accuracy against the majority-class baseline, and the loss and
-perplexity of the completion tokens. Writes `eval.json` into the build directory.
+perplexity of the completion tokens. Writes `eval.json`, `eval.md`, `predictions.jsonl` and
+`confusion.png` into the build directory, replacing an earlier eval's as one set.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from runtime import checkpoint as ckpt
 from runtime.config import EvalSpec, IncompatibleBuildError, RuntimeConfig, TemplateSpec, load_runtime_config
 from runtime.data import (
     IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, collate_rows, read_examples,
@@ -225,8 +227,8 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(build_dir / config.tokenizer.file))
     if spec.kind == "language_model":
         report = language_model_eval(model, tokenizer, config, build_dir)
-        (build_dir / "eval.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        (build_dir / "eval.md").write_text(render_language_model_md(config, report))
+        publish(build_dir, {"eval.json": _json_bytes(report),
+                            "eval.md": render_language_model_md(config, report).encode()})
         return report
     data = config.data[spec.data]
     heldout = read_examples(build_dir / data.heldout)
@@ -261,18 +263,40 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
             ],
         }
     )
-    (build_dir / "eval.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    png = plot_confusion(report, build_dir / "confusion.png")
-    (build_dir / "eval.md").write_text(render_eval_md(config, report, png is not None))
-    with open(build_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for e, text, p, loss in zip(heldout, texts, predicted, losses):
-            record = {"line": e.line, "label": e.label, "generated": text, "predicted": p, "loss": round(loss, 5)}
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+    png = confusion_png(report)
+    predictions = "".join(
+        json.dumps({"line": e.line, "label": e.label, "generated": text, "predicted": p, "loss": round(loss, 5)},
+                   sort_keys=True) + "\n"
+        for e, text, p, loss in zip(heldout, texts, predicted, losses))
+    publish(build_dir, {"eval.json": _json_bytes(report), "confusion.png": png,
+                        "eval.md": render_eval_md(config, report, png is not None).encode(),
+                        "predictions.jsonl": predictions.encode()})
     return report
 
 
-def plot_confusion(report: dict, path: Path) -> Path | None:
+EVAL_FILES = ("eval.json", "eval.md", "predictions.jsonl", "confusion.png")
+EVAL_SWAP = "eval"  # runtime.checkpoint.replace_files staging: <build>/.swap-eval-<pid>/
+
+
+def publish(build_dir: Path, outputs: dict[str, bytes | None]) -> None:
+    """Replace the eval outputs in the build directory as one set: a reader never finds
+    eval.json of one eval beside predictions.jsonl of another, even when the eval is killed while
+    writing them (see runtime.checkpoint.replace_files). Outputs of an earlier eval that this one
+    does not produce are removed with it. A swap an earlier eval left half done is undone first."""
+    files = {name: outputs.get(name) for name in EVAL_FILES}
+    with ckpt.folder_lock(build_dir):
+        ckpt.roll_back_interrupted(build_dir, EVAL_SWAP, clean=True)
+        ckpt.replace_files(build_dir, EVAL_SWAP, files)
+
+
+def _json_bytes(report: dict) -> bytes:
+    return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
+
+
+def confusion_png(report: dict) -> bytes | None:
     """The confusion matrix as a PNG (gold rows, predicted columns, counts in the cells)."""
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -295,8 +319,9 @@ def plot_confusion(report: dict, path: Path) -> Path | None:
             ax.text(j, i, str(n), ha="center", va="center", color="white" if n > top / 2 else "black")
     ax.set_title(f"accuracy {report['accuracy']:.1%} on {report['n']}")
     figure.tight_layout()
-    figure.savefig(path, metadata={"Software": None})
-    return path
+    png = io.BytesIO()
+    figure.savefig(png, format="png", metadata={"Software": None})
+    return png.getvalue()
 
 
 def render_eval_md(config: RuntimeConfig, report: dict, with_plot: bool) -> str:
@@ -352,6 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(args.build_dir, args.checkpoint)
     except (IncompatibleBuildError, FileNotFoundError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        problem = ckpt.write_failure(args.build_dir, exc)
+        if problem is None:
+            raise
+        print(f"error: could not write the eval outputs into {args.build_dir}: {problem}; the previous ones are "
+              "unchanged; free some space and run `recipe eval` again", file=sys.stderr)
         return 1
     if "accuracy" not in report:
         print(f"eval: held-out loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}", file=sys.stderr)

@@ -414,7 +414,7 @@ def train_stage(run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn
             from runtime.train import _all_ranks_sum
 
             now = time.perf_counter()
-            real = _all_ranks_sum(window_tokens, d)
+            real = _all_ranks_sum(window_tokens, d, run.device)
             tokens += real
             record = {"stage": stage.name, "step": step, "lr": ppo.actor_backend.lr(),
                       "tokens_per_s": round(real / (now - window_start), 1), "peak_rss_gib": round(_peak_rss_gib(), 3),

@@ -367,7 +367,7 @@ def train_stage(run: Run, index: int, stage: StageSpec, model: torch.nn.Module) 
         step += 1
         if step % stage.log_every_steps == 0 or step == total_steps:
             now = time.perf_counter()
-            real = _all_ranks_sum(window["real"], d)
+            real = _all_ranks_sum(window["real"], d, run.device)
             tokens += real
             record = {
                 "stage": stage.name,
@@ -422,26 +422,62 @@ def train_stage(run: Run, index: int, stage: StageSpec, model: torch.nn.Module) 
     return trained, report
 
 
-def _all_ranks_sum(value: int, d: Dist) -> int:
+def _all_ranks_sum(value: int, d: Dist, device: torch.device | None = None) -> int:
     if d.world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=device)  # NCCL reduces device tensors only
     dist.all_reduce(t)
     return int(t.item())
 
 
 def _save_checkpoint(run: Run, backend, state: ckpt.TrainState, keep: int) -> None:
     staging = ckpt.staging_dir(run.checkpoints, state)
-    if run.d.is_main:
+
+    def attempt(write) -> str | None:
+        """None when `write()` worked; what ran out (disk, quota, file size limit) when it did not."""
+        try:
+            write()
+        except (OSError, RuntimeError) as exc:
+            problem = ckpt.write_failure(staging, exc)
+            if problem is None:
+                raise
+            return problem
+        return None
+
+    def give_up_if_failed(problem: str | None) -> None:
+        # A barrier that also tells every rank whether any rank failed, so none is left waiting.
+        # (On the run's device: NCCL reduces CUDA tensors only.)
+        failed = torch.tensor([int(problem is not None)], device=run.device)
+        if run.d.world > 1:
+            dist.all_reduce(failed)
+        if not int(failed.item()):
+            return
+        if run.d.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # give back the space; the last good checkpoint is untouched
+        done = ckpt.complete_checkpoints(run.checkpoints)
+        if done:
+            then = f"the newest good checkpoint, {done[-1].name}, is untouched; free some space and run again to " \
+                "resume from it"
+        else:
+            then = "there is no earlier checkpoint; free some space and run again"
+        raise ckpt.CheckpointError(
+            f"could not write checkpoint {run.checkpoints / ckpt.checkpoint_name(state)}: "
+            f"{problem or 'another process could not write its part'}; {then}")
+
+    def prepare() -> None:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    run.d.barrier()
-    torch.save(_rng_state(), staging / f"rng-rank{run.d.rank}.pt")
-    backend.save(staging)
-    run.d.barrier()
-    if run.d.is_main:
+
+    def write_own_part() -> None:
+        torch.save(_rng_state(), staging / f"rng-rank{run.d.rank}.pt")
+        backend.save(staging)
+
+    def commit() -> None:
         ckpt.commit(run.checkpoints, staging, state, keep)
-    run.d.barrier()
+
+    give_up_if_failed(attempt(prepare) if run.d.is_main else None)
+    give_up_if_failed(attempt(write_own_part))
+    give_up_if_failed(attempt(commit) if run.d.is_main else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,6 +684,13 @@ def main(argv: list[str] | None = None) -> int:
             train(config, args.build_dir, d)
     except (ckpt.CheckpointError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a model, report or log that found no space; other errors are bugs
+        problem = ckpt.write_failure(args.build_dir, exc)
+        if problem is None:
+            raise
+        print(f"error: could not write {exc.filename or args.build_dir}: {problem}; free some space and run "
+              "again (finished stages and checkpoints are kept)", file=sys.stderr)
         return 1
     finally:
         if d.world > 1 and dist.is_initialized():
