@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from runtime.config import IncompatibleBuildError
+
 IGNORE_INDEX = -100  # label value cross-entropy skips: prompt and padding positions
 
 
@@ -157,7 +159,7 @@ def read_pairs(path: Path) -> list[PairRow]:
         for raw in f:
             record = json.loads(raw)
             if "rejected" not in record:
-                raise ValueError(f"{path}: line {record.get('line')} has no rejected completion; "
+                raise IncompatibleBuildError(f"{path}: line {record.get('line')} has no rejected completion; "
                                  "the data set is not preference data (recompile the recipe)")
             chosen = _completion_row(record["prompt"], record["completion"], record["line"])
             rejected = _completion_row(record.get("rejected_prompt", record["prompt"]), record["rejected"], record["line"])
@@ -172,7 +174,7 @@ def read_scored(path: Path) -> list[ScoredRow]:
         for raw in f:
             record = json.loads(raw)
             if "score" not in record:
-                raise ValueError(f"{path}: line {record.get('line')} has no score; recompile the recipe")
+                raise IncompatibleBuildError(f"{path}: line {record.get('line')} has no score; recompile the recipe")
             out.append(ScoredRow(_completion_row(record["prompt"], record["completion"], record["line"]),
                                  float(record["score"])))
     return out

@@ -43,7 +43,7 @@ from runtime.model import TokenLoss, apply_adapter, count_parameters
 from runtime.objective import disable_dropout
 from runtime.reward import ScalarHead, is_scalar, scalar_model
 
-HELDOUT_PROMPTS = 32  # held-out prompts whose mean reward is reported before and after the stage
+HELDOUT_PROMPTS = 64  # held-out prompts whose mean reward is reported before and after the stage
 HELDOUT_SEED = 1234  # sampling seed of that measurement, so before and after see the same draws
 
 

@@ -682,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _run_lock(args.build_dir, d):
             train(config, args.build_dir, d)
-    except (ckpt.CheckpointError, ModelLoadError) as exc:
+    except (ckpt.CheckpointError, ModelLoadError, IncompatibleBuildError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a model, report or log that found no space; other errors are bugs

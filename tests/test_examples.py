@@ -80,8 +80,30 @@ def test_rlhf_chain_compiles_with_each_stage_reading_the_one_before() -> None:
     runtime = json.loads(build.files["runtime.json"])
     ppo = runtime["stages"][2]["params"]
     assert (ppo["reward_model"], ppo["kl_coef"], ppo["clip_eps"], ppo["value_clip"], ppo["ptx_coef"]) == (
-        "reward", 0.1, 0.2, 0.4, 0.9)
+        "reward", 0.1, 0.2, 0.4, 0.5)
+    assert runtime["stages"][2]["max_steps"] == 16 and ppo["rollout_batch_size"] == 8  # 16 rollout batches
     assert runtime["stages"][1]["params"]["objective"] == "regression"
+
+
+def test_dpo_pairs_are_cut_from_the_human_scores() -> None:
+    """Each tweet becomes a pair: chosen = the label its score gives (the SFT data's label for the same
+    row), rejected = the other label."""
+    from tokenizers import Tokenizer
+
+    build = compile_recipe(EXAMPLES / "tweet-dpo.toml")
+    runtime = json.loads(build.files["runtime.json"])
+    assert [(s["name"], s["kind"], s["start"]) for s in runtime["stages"]] == [("sft", "sft", "base"),
+                                                                                ("dpo", "dpo", "sft")]
+    tokenizer = Tokenizer.from_str(build.files["tokenizer/tokenizer.json"].decode())
+    labelled = {r["line"]: r for r in map(json.loads, build.files["data/tweets/train.jsonl"].decode().splitlines())}
+    pairs = [json.loads(line) for line in build.files["data/pairs/train.jsonl"].decode().splitlines()]
+    assert len(pairs) == len(labelled) == 1080  # 1,200 rows, 10% held out, none dropped
+    opposite = {" positive": " negative", " negative": " positive"}
+    for pair in pairs:
+        chosen, rejected = tokenizer.decode(pair["completion"][:-1]), tokenizer.decode(pair["rejected"][:-1])
+        assert opposite[chosen] == rejected
+        assert pair["completion"] == labelled[pair["line"]]["completion"]
+        assert pair["rejected_prompt"] == pair["prompt"]
 
 
 def test_overrides_are_typed_validated_and_shown_in_the_plan() -> None:
