@@ -362,3 +362,20 @@ def test_lora_chain_on_a_pretrained_llama(tmp_path: Path) -> None:
     assert any("score" in name for name in saved), sorted(saved)
     assert reports["dpo"]["first_loss"] == pytest.approx(math.log(2), abs=0.02)
     assert reports["ppo"]["heldout"]["after"]["prompts"] == 16
+
+
+@pytest.mark.parametrize("evaluation, message", [
+    ({"kind": "language_model", "data": "sft", "stage": "reward"},
+     'eval would evaluate stage "reward", a reward model'),
+    ({"kind": "language_model", "data": "prompts", "stage": "ppo"},
+     'eval reads data set "prompts", whose rows are prompts only'),
+])
+def test_eval_refuses_a_reward_stage_and_prompt_only_data(tmp_path: Path, evaluation: dict, message: str) -> None:
+    recipe = _chain_recipe(tmp_path)
+    spec = json.loads(recipe.read_text())
+    spec["eval"] = evaluation
+    recipe.write_text(json.dumps(spec))
+    result = run_cli("validate", str(recipe), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr
+    assert "= help: " in result.stderr
