@@ -158,23 +158,33 @@ RUN_LOCK_FILE = ".run.lock"
 
 
 @contextlib.contextmanager
-def _no_run_training(out_dir: Path):
-    """Refuse to change a build while a run trains it (its runtime.json would change underneath)."""
+def run_lock_free(out_dir: Path):
+    """Yields whether no run is training `out_dir`; when free, the run lock is held until the block ends."""
     path = out_dir / RUN_LOCK_FILE
     if not path.is_file():
-        yield
+        yield True
         return
     with open(path, "r+b") as lock:  # writable: NFS grants exclusive locks only on files open for writing
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RecipeError.single(
-                f"a run is training {out_dir} right now; wait for it to finish, or compile into another "
-                "directory with --out") from None
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _no_run_training(out_dir: Path):
+    """Refuse to change a build while a run trains it (its runtime.json would change underneath)."""
+    with run_lock_free(out_dir) as free:
+        if not free:
+            raise RecipeError.single(
+                f"a run is training {out_dir} right now; wait for it to finish, or compile into another "
+                "directory with --out")
+        yield
 
 
 def incomplete_build(out_dir: Path) -> bool:

@@ -278,21 +278,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _refuse_if_training(build_dir: Path) -> None:
     """Say at once, before torchrun starts, that another run holds the build's run lock (training
     checks again itself, which closes the race between two runs started together)."""
-    import fcntl
+    from compiler.build import run_lock_free
 
-    from compiler.build import RUN_LOCK_FILE
-
-    path = build_dir / RUN_LOCK_FILE
-    if not path.is_file():
-        return
-    with open(path, "r+b") as lock:  # writable: NFS grants exclusive locks only on files open for writing
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with run_lock_free(build_dir) as free:
+        if not free:
             raise RecipeError.single(
                 f"another run is training {build_dir} right now; wait for it to finish (or compile the recipe "
-                "into another directory with --out)") from None
-        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+                "into another directory with --out)")
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
