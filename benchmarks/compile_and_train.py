@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runtime.config import load_runtime_config  # noqa: E402
+from runtime.contract.config import load_runtime_config  # noqa: E402
 from runtime.data import length_grouped_batches, read_examples  # noqa: E402
 
 

@@ -129,7 +129,7 @@ def run_killed_compiles(root: Path) -> tuple[int, list[str]]:
 
     from compiler.cli import _check_build
     from compiler.diagnostics import RecipeError
-    from runtime.checkpoint import CRASH_AT_ENV
+    from runtime.contract.files import CRASH_AT_ENV
 
     def compile_into(recipe: Path, out: Path, crash_at: str | None = None) -> tuple[int, str]:
         env = dict(os.environ, **({CRASH_AT_ENV: crash_at} if crash_at else {}))

@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runtime.config import RuntimeConfig, load_runtime_config  # noqa: E402
+from runtime.contract.config import RuntimeConfig, load_runtime_config  # noqa: E402
 from runtime.data import Encoded, read_examples  # noqa: E402
 
 RECIPE = "specs/examples/tweet-sentiment.toml"

@@ -7,7 +7,6 @@ paths), so recompiling an unchanged recipe gives byte-identical files.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -47,8 +46,16 @@ from compiler.recipe import (
 from compiler.stage_estimate import StageEstimate, estimate_stage
 from compiler.tokenizer import Encoder, folder_encoder, gguf_encoder, tiktoken_encoder
 from compiler.validate import validate
-from runtime import checkpoint as ckpt
-from runtime.config import (
+from runtime.contract.files import (
+    RunLockBusy,
+    folder_lock,
+    interrupted_swaps,
+    replace_files,
+    roll_back_interrupted,
+    run_lock,
+)
+from runtime.contract.layout import COMPILE_SWAP
+from runtime.contract.config import (
     SCHEMA_VERSION,
     AdapterSpec,
     DataSpec,
@@ -138,12 +145,12 @@ def write_build(build: Build, out_dir: Path) -> list[str]:
     that `recipe run` recognises as incomplete (`incomplete_build`). Refused while a run trains
     the folder. Returns notes on what an earlier, interrupted compile had left."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with ckpt.folder_lock(out_dir), _no_run_training(out_dir):
-        leftovers = ckpt.interrupted_swaps(out_dir, COMPILE_SWAP)
-        restored = ckpt.roll_back_interrupted(out_dir, COMPILE_SWAP, clean=True)
+    with folder_lock(out_dir), _no_run_training(out_dir):
+        leftovers = interrupted_swaps(out_dir, COMPILE_SWAP)
+        restored = roll_back_interrupted(out_dir, COMPILE_SWAP, clean=True)
         stale = _previous_artifacts(out_dir) - set(build.files)
         files: dict[str, bytes | None] = {**build.files, **dict.fromkeys(stale)}
-        ckpt.replace_files(out_dir, COMPILE_SWAP, files, frozenset(r for r in build.files if r.endswith(".sh")))
+        replace_files(out_dir, COMPILE_SWAP, files, frozenset(r for r in build.files if r.endswith(".sh")))
     if restored:
         return [f"{out_dir} was left half-replaced by an interrupted `recipe compile`; restored the build it "
                 "replaced, then wrote this one"]
@@ -152,44 +159,21 @@ def write_build(build: Build, out_dir: Path) -> list[str]:
     return []
 
 
-COMPILE_SWAP = "compile"  # runtime.checkpoint.replace_files staging: <out>/.swap-compile-<pid>/
-# The lock runtime/train.py holds while it trains a build (runtime.train.LOCK_FILE).
-RUN_LOCK_FILE = ".run.lock"
-
-
-@contextlib.contextmanager
-def run_lock_free(out_dir: Path):
-    """Yields whether no run is training `out_dir`; when free, the run lock is held until the block ends."""
-    path = out_dir / RUN_LOCK_FILE
-    if not path.is_file():
-        yield True
-        return
-    with open(path, "r+b") as lock:  # writable: NFS grants exclusive locks only on files open for writing
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
 @contextlib.contextmanager
 def _no_run_training(out_dir: Path):
     """Refuse to change a build while a run trains it (its runtime.json would change underneath)."""
-    with run_lock_free(out_dir) as free:
-        if not free:
-            raise RecipeError.single(
-                f"a run is training {out_dir} right now; wait for it to finish, or compile into another "
-                "directory with --out")
-        yield
+    try:
+        with run_lock(out_dir, create=False):
+            yield
+    except RunLockBusy:
+        raise RecipeError.single(
+            f"a run is training {out_dir} right now; wait for it to finish, or compile into another "
+            "directory with --out") from None
 
 
 def incomplete_build(out_dir: Path) -> bool:
     """True for a folder a compile began but never finished (with no earlier build to fall back on)."""
-    return not (out_dir / "runtime.json").is_file() and bool(ckpt.interrupted_swaps(out_dir, COMPILE_SWAP))
+    return not (out_dir / "runtime.json").is_file() and bool(interrupted_swaps(out_dir, COMPILE_SWAP))
 
 
 def _previous_artifacts(out_dir: Path) -> set[str]:

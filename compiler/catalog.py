@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from compiler.paths import specs_dir
+from runtime.contract.paths import specs_dir
 
 # The nn.Linear (Conv1D for GPT-2) modules inside one decoder block, by family, as peft names them.
 BLOCK_LINEAR_MODULES: dict[str, tuple[str, ...]] = {

@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from compiler.paths import templates_dir
+from runtime.contract.paths import templates_dir
 from compiler.templating import TemplateError
 
 BUILTIN_CHAT_TEMPLATES = ("chatml", "llama3", "llama2", "chatglm3", "alpaca")

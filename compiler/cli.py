@@ -55,7 +55,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     try:
         notes = write_build(build, out)
     except OSError as exc:
-        from runtime.checkpoint import write_failure
+        from runtime.contract.files import write_failure
 
         problem = write_failure(out, exc)
         if problem is None:
@@ -214,12 +214,12 @@ def _check_build(build_dir: Path) -> None:
     import hashlib
 
     from compiler.build import incomplete_build
-    from runtime import checkpoint as ckpt
-    from runtime.config import IncompatibleBuildError, load_runtime_config, unsupported
+    from runtime.contract.config import IncompatibleBuildError, load_runtime_config, unsupported
+    from runtime.contract.files import folder_lock, roll_back_interrupted
 
     if build_dir.is_dir():
-        with ckpt.folder_lock(build_dir):
-            restored = ckpt.roll_back_interrupted(build_dir)
+        with folder_lock(build_dir):
+            restored = roll_back_interrupted(build_dir)
         if incomplete_build(build_dir):
             raise RecipeError.single(
                 f"{build_dir} is incomplete: `recipe compile` was interrupted before it finished writing it; "
@@ -278,13 +278,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _refuse_if_training(build_dir: Path) -> None:
     """Say at once, before torchrun starts, that another run holds the build's run lock (training
     checks again itself, which closes the race between two runs started together)."""
-    from compiler.build import run_lock_free
+    from runtime.contract.files import RunLockBusy, run_lock
 
-    with run_lock_free(build_dir) as free:
-        if not free:
-            raise RecipeError.single(
-                f"another run is training {build_dir} right now; wait for it to finish (or compile the recipe "
-                "into another directory with --out)")
+    try:
+        with run_lock(build_dir, create=False):
+            pass
+    except RunLockBusy:
+        raise RecipeError.single(
+            f"another run is training {build_dir} right now; wait for it to finish (or compile the recipe "
+            "into another directory with --out)") from None
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:

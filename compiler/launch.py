@@ -12,9 +12,9 @@ from typing import Any
 
 import jinja2
 
-from compiler.paths import templates_dir
+from runtime.contract.paths import templates_dir
 from compiler.recipe import Recipe
-from runtime.config import RuntimeConfig, StageSpec
+from runtime.contract.config import RuntimeConfig, StageSpec
 
 # Ports derived for "auto" rendezvous: a 2,000-port window above torchrun's default 29500.
 PORT_BASE, PORT_SPAN = 29600, 2000

@@ -15,8 +15,8 @@ from compiler.estimate import GIB
 from compiler.loader import LoadedRecipe, display_path
 from compiler.overrides import Override
 from compiler.params import Architecture, ParameterCount
-from compiler.paths import templates_dir
-from runtime.config import RuntimeConfig
+from runtime.contract.paths import templates_dir
+from runtime.contract.config import RuntimeConfig
 
 if TYPE_CHECKING:
     from compiler.prepare import PreparedData

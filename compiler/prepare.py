@@ -44,7 +44,7 @@ from compiler.loader import LoadedRecipe, display_path
 from compiler.recipe import Dataset, TemplateSection, dataset_template, stage_dataset
 from compiler.templating import TemplateError, compile_template
 from compiler.tokenizer import Encoder
-from runtime.config import TemplateSpec
+from runtime.contract.config import TemplateSpec
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,7 @@ from tokenizers import Tokenizer
 
 from compiler.assets import AssetSpec, asset_path, cache_dir
 from compiler.tokenizer_convert import tiktoken_to_tokenizer_json
+from runtime.contract.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,6 @@ class Encoder:
         return found
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def tiktoken_encoder(asset: AssetSpec, special_tokens: dict[str, int], eos_token: str | None) -> Encoder:
     """Convert the pinned tiktoken ranks file once, cache the tokenizer JSON, and load it."""
     ranks = asset_path(asset)
@@ -74,7 +67,7 @@ def tiktoken_encoder(asset: AssetSpec, special_tokens: dict[str, int], eos_token
         text = cached.read_text(encoding="utf-8")
     else:
         text = tiktoken_to_tokenizer_json(ranks, special_tokens=dict(special_tokens))
-        _atomic_write(cached, text)
+        write_atomic(cached, text.encode("utf-8"))
     return Encoder(tokenizer=Tokenizer.from_str(text), json=text, source=f"asset:{asset.name}", eos_token=eos_token)
 
 

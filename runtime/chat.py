@@ -109,7 +109,7 @@ class Chat:
         import torch
         from transformers import PreTrainedTokenizerFast
 
-        from runtime.config import IncompatibleBuildError, load_runtime_config
+        from runtime.contract.config import IncompatibleBuildError, load_runtime_config
         from runtime.evaluate import load_trained
         from runtime.train import MODEL_DIR, starting_model
 

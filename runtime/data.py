@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from runtime.config import IncompatibleBuildError
+from runtime.contract.config import IncompatibleBuildError
 
 IGNORE_INDEX = -100  # label value cross-entropy skips: prompt and padding positions
 

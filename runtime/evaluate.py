@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from runtime import checkpoint as ckpt
-from runtime.config import EvalSpec, IncompatibleBuildError, RuntimeConfig, TemplateSpec, load_runtime_config
+from runtime.contract.files import folder_lock, replace_files, roll_back_interrupted, write_failure
+from runtime.contract.config import EvalSpec, IncompatibleBuildError, RuntimeConfig, TemplateSpec, load_runtime_config
 from runtime.data import (
     IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, collate_rows, read_examples,
     read_training_rows,
@@ -284,9 +284,9 @@ def publish(build_dir: Path, outputs: dict[str, bytes | None]) -> None:
     writing them (see runtime.checkpoint.replace_files). Outputs of an earlier eval that this one
     does not produce are removed with it. A swap an earlier eval left half done is undone first."""
     files = {name: outputs.get(name) for name in EVAL_FILES}
-    with ckpt.folder_lock(build_dir):
-        ckpt.roll_back_interrupted(build_dir, EVAL_SWAP, clean=True)
-        ckpt.replace_files(build_dir, EVAL_SWAP, files)
+    with folder_lock(build_dir):
+        roll_back_interrupted(build_dir, EVAL_SWAP, clean=True)
+        replace_files(build_dir, EVAL_SWAP, files)
 
 
 def _json_bytes(report: dict) -> bytes:
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        problem = ckpt.write_failure(args.build_dir, exc)
+        problem = write_failure(args.build_dir, exc)
         if problem is None:
             raise
         print(f"error: could not write the eval outputs into {args.build_dir}: {problem}; the previous ones are "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from runtime.config import AdapterSpec, HardwareSpec, ModelSpec
+from runtime.contract.config import AdapterSpec, HardwareSpec, ModelSpec
 from runtime.data import IGNORE_INDEX
 
 
@@ -93,7 +93,7 @@ def converted_asset(name: str) -> Path:
     Loading the GGUF through transformers takes tens of seconds; the converted folder reloads in
     about one. The conversion is written to a temporary folder and renamed, under the asset lock,
     so concurrent runs neither repeat nor corrupt it."""
-    from compiler.assets import AssetError, asset_path, cache_dir, load_catalog
+    from runtime.contract.assets import AssetError, cache_dir, cached_asset, load_catalog
 
     catalog = load_catalog()
     if name not in catalog:
@@ -103,7 +103,7 @@ def converted_asset(name: str) -> Path:
     if (folder / "config.json").is_file():
         return folder
     try:
-        gguf = asset_path(spec)
+        gguf = cached_asset(spec)
     except AssetError as exc:
         raise ModelLoadError(str(exc)) from None
     folder.parent.mkdir(parents=True, exist_ok=True)

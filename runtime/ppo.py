@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from runtime import checkpoint as ckpt
-from runtime.config import StageSpec
+from runtime.contract.config import StageSpec
 from runtime.data import IGNORE_INDEX, TrainRow, collate_rows, read_prompts, read_training_rows
 from runtime.model import TokenLoss, apply_adapter, count_parameters
 from runtime.objective import disable_dropout

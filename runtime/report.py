@@ -26,14 +26,15 @@ import argparse
 import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+from runtime.contract.files import write_atomic
+
 RUN_REPORT_FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
-RUNTIME_CONFIG_FILE = "runtime.json"  # as runtime.config names it; read here only to recognise a build
+RUNTIME_CONFIG_FILE = "runtime.json"  # as runtime.contract.config names it; read here only to recognise a build
 TRAIN_REPORT_FILE = "train_report.json"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
@@ -312,7 +313,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
     ax.legend(title="stage", loc="upper right")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
-    _write_atomic(Path(png_path), buffer.getvalue())
+    write_atomic(Path(png_path), buffer.getvalue())
     return Path(png_path)
 
 
@@ -455,16 +456,6 @@ def render_markdown(report: dict[str, Any], *, loss_png: str | None) -> str:
 # Writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_run_report(build_dir: Path) -> tuple[Path, Path]:
     """Write `loss.png` (when losses were logged), `run_report.json` and `run_report.md` into the
     build directory; returns the paths of the JSON and markdown reports."""
@@ -472,8 +463,8 @@ def write_run_report(build_dir: Path) -> tuple[Path, Path]:
     report = build_run_report(build_dir)
     png = plot_loss(build_dir / METRICS_FILE, build_dir / LOSS_PNG)
     json_path, md_path = build_dir / JSON_FILE, build_dir / MARKDOWN_FILE
-    _write_atomic(json_path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-    _write_atomic(md_path, render_markdown(report, loss_png=png.name if png else None).encode())
+    write_atomic(json_path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(md_path, render_markdown(report, loss_png=png.name if png else None).encode())
     return json_path, md_path
 
 

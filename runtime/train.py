@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import gc
 import hashlib
 import json
@@ -39,8 +38,9 @@ if not torch.cuda.is_available():
 from transformers import PreTrainedTokenizerFast, get_scheduler
 
 from runtime import checkpoint as ckpt
+from runtime.contract.files import RunLockBusy, run_lock, write_failure
 from runtime import dpo, ppo, reward
-from runtime.config import (
+from runtime.contract.config import (
     RUNTIME_CONFIG_FILE, IncompatibleBuildError, RuntimeConfig, StageSpec, load_runtime_config, unsupported,
     uses_deepspeed,
 )
@@ -55,7 +55,6 @@ MERGED_DIR = "model-merged"
 STAGES_DIR = "stages"
 TEMPLATE_FILE = "recipe_template.json"
 TRAINABLE_FILE = "trainable.pt"
-LOCK_FILE = ".run.lock"
 
 
 @dataclass(frozen=True)
@@ -438,7 +437,7 @@ def _save_checkpoint(run: Run, backend, state: ckpt.TrainState, keep: int) -> No
         try:
             write()
         except (OSError, RuntimeError) as exc:
-            problem = ckpt.write_failure(staging, exc)
+            problem = write_failure(staging, exc)
             if problem is None:
                 raise
             return problem
@@ -604,18 +603,14 @@ def _run_lock(build_dir: Path, d: Dist):
     if not d.is_main:
         yield
         return
-    with open(build_dir / LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ckpt.CheckpointError(
-                f"another run is training {build_dir} right now; wait for it to finish "
-                "(or compile the recipe into another directory with --out)"
-            ) from None
-        try:
+    try:
+        with run_lock(build_dir):
             yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except RunLockBusy:
+        raise ckpt.CheckpointError(
+            f"another run is training {build_dir} right now; wait for it to finish "
+            "(or compile the recipe into another directory with --out)"
+        ) from None
 
 
 def train(config: RuntimeConfig, build_dir: Path, d: Dist) -> dict:
@@ -686,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a model, report or log that found no space; other errors are bugs
-        problem = ckpt.write_failure(args.build_dir, exc)
+        problem = write_failure(args.build_dir, exc)
         if problem is None:
             raise
         print(f"error: could not write {exc.filename or args.build_dir}: {problem}; free some space and run "

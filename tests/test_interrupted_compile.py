@@ -22,7 +22,7 @@ import pytest
 
 from compiler.cli import _check_build, main
 from compiler.diagnostics import RecipeError
-from runtime.checkpoint import CRASH_AT_ENV, SWAP_PREFIX
+from runtime.contract.files import CRASH_AT_ENV, SWAP_PREFIX
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 CRASH_POINTS = ["compile:staging", "compile:journal", "compile:swapping", "compile:done"]
@@ -182,13 +182,14 @@ def test_compile_and_run_refuse_while_a_run_trains_the_build(builds, tmp_path: P
 def test_the_run_lock_is_the_one_training_holds() -> None:
     import ast
 
-    from compiler.build import RUN_LOCK_FILE
-
-    # runtime.train (which imports torch) names it LOCK_FILE; read it without importing.
-    tree = ast.parse((REPO / "runtime" / "train.py").read_text())
-    values = [node.value.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
-              and any(getattr(t, "id", None) == "LOCK_FILE" for t in node.targets)]
-    assert values == [RUN_LOCK_FILE]
+    # One lock for compile, `recipe run` and training: runtime.contract.files.run_lock. Read the
+    # modules without importing them (runtime.train imports torch).
+    for rel in ("runtime/train.py", "compiler/build.py", "compiler/cli.py"):
+        tree = ast.parse((REPO / rel).read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.module == "runtime.contract.files" for alias in node.names}
+        assert "run_lock" in imported, rel
+        assert not [node for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value == ".run.lock"], rel
 
 
 def test_check_build_names_a_missing_build(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from compiler.cli import _check_build
-from runtime.checkpoint import CRASH_AT_ENV, SWAP_PREFIX
+from runtime.contract.files import CRASH_AT_ENV, SWAP_PREFIX
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 OUTPUTS = ("eval.json", "eval.md", "predictions.jsonl", "confusion.png")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.config import load_runtime_config
+from runtime.contract.config import load_runtime_config
 from runtime.data import IGNORE_INDEX, TrainRow, collate_rows, read_training_rows
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.config import IncompatibleBuildError, ModelSpec, load_runtime_config
+from runtime.contract.config import IncompatibleBuildError, ModelSpec, load_runtime_config
 from runtime.data import IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, length_grouped_batches
 from runtime.evaluate import classification_report, extract_label
 from runtime.model import TokenLoss, build_model

@@ -1,4 +1,4 @@
-"""Where the compiler's bundled data (specs/, templates/) lives.
+"""Where the bundled data (specs/, templates/) lives.
 
 A wheel force-includes `specs/` and `templates/` under `compiler/_data/`; an
 editable install or a plain checkout keeps them at the repository root, next
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+# runtime/contract/ -> the repository root (a checkout) or the installed packages' folder.
+_ROOT = Path(__file__).resolve().parents[2]
 
 
 def repo_root() -> Path:
@@ -19,10 +20,10 @@ def repo_root() -> Path:
     In a checkout this is the repository root; in an installed wheel it is
     `compiler/_data/`, which carries the same two folders.
     """
-    bundled = _PACKAGE_DIR / "_data"
+    bundled = _ROOT / "compiler" / "_data"
     if bundled.is_dir():
         return bundled
-    return _PACKAGE_DIR.parent
+    return _ROOT
 
 
 def specs_dir() -> Path:
