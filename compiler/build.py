@@ -55,6 +55,8 @@ from runtime.contract.files import (
     run_lock,
 )
 from runtime.contract.layout import COMPILE_SWAP
+from runtime.contract.steps import rollout_steps_per_epoch
+from runtime.contract.steps import steps_per_epoch as contract_steps_per_epoch
 from runtime.contract.config import (
     SCHEMA_VERSION,
     AdapterSpec,
@@ -387,18 +389,18 @@ def _eval_labels(loaded: LoadedRecipe, name: str, p: PreparedData) -> tuple[str,
 
 
 def planned_steps(t, n_train: int, world: int, stage: Stage | None = None) -> int:
-    """Steps of a stage: max_steps, or epochs x ceil(examples / examples per step). A step is an
-    optimizer step (micro-batch x accumulation x processes examples), for PPO one rollout batch
-    (rollout_batch_size prompts per process)."""
+    """Steps of a stage, by the formula the runtime counts with (runtime.contract.steps): an
+    optimizer step over micro-batch x accumulation examples on each process, for PPO one rollout
+    batch (rollout_batch_size prompts per process)."""
     if t.max_steps is not None:
         return t.max_steps
-    return max(1, -(-n_train // _examples_per_step(t, world, stage))) * t.epochs
+    return t.epochs * steps_per_epoch(t, n_train, world, stage)
 
 
-def _examples_per_step(t, world: int, stage: Stage | None) -> int:
+def steps_per_epoch(t, n_train: int, world: int, stage: Stage | None = None) -> int:
     if isinstance(stage, PpoStage):
-        return stage.rollout_batch_size * world
-    return t.micro_batch_size * t.grad_accum * world
+        return rollout_steps_per_epoch(n_train, stage.rollout_batch_size, world)
+    return contract_steps_per_epoch(n_train, t.micro_batch_size, t.grad_accum, world)
 
 
 def trainable_parameters(arch: Architecture, adapter) -> int:
@@ -424,7 +426,7 @@ def _estimate(loaded: LoadedRecipe, arch: Architecture, family: str, stage: Stag
         tokens_per_epoch=data.tokens_per_epoch, supervised_per_epoch=data.supervised_per_epoch,
         max_total_tokens=data.max_total_tokens, max_completion_tokens=data.max_completion_tokens,
         mean_seq_len=data.mean_seq_len, steps=planned_steps(t, n_train, world, stage),
-        steps_per_epoch=max(1, -(-n_train // _examples_per_step(t, world, stage))), dropout=dropout,
+        steps_per_epoch=steps_per_epoch(t, n_train, world, stage), dropout=dropout,
     )
 
 
