@@ -6,9 +6,9 @@ from typing import Sequence
 
 import pytest
 
-from compiler.budget import BudgetError, BudgetRequest, LengthStats, nearest_rank, plan_budget
-from compiler.data import Row
-from compiler.templating import compile_template
+from compiler.data.token_budget import BudgetError, BudgetRequest, LengthStats, nearest_rank, plan_budget
+from compiler.data.read import Row
+from compiler.data.templating import compile_template
 
 
 class CharEncoder:

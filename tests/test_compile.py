@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from compiler.build import compile_recipe, write_build
+from compiler.emission.build import compile_recipe, write_build
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 EXAMPLE = REPO / "specs" / "examples" / "tweet-sentiment.toml"

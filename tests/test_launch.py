@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compiler.build import compile_recipe
-from compiler.launch import PORT_BASE, PORT_SPAN, derived_port
-from compiler.overrides import parse_override
+from compiler.emission.build import compile_recipe
+from compiler.emission.launch import PORT_BASE, PORT_SPAN, derived_port
+from compiler.loading.overrides import parse_override
 from tests.conftest import base_recipe, write_json_recipe
 
 
@@ -70,7 +70,7 @@ def _run_launch(build_dir: Path, **env) -> subprocess.CompletedProcess:
 
 
 def test_launch_refuses_a_busy_rendezvous_port_before_torchrun(tmp_path: Path) -> None:
-    from compiler.build import write_build
+    from compiler.emission.build import write_build
 
     build = _build(tmp_path, "hardware.nodes=2")
     write_build(build, tmp_path / "b")
@@ -84,7 +84,7 @@ def test_launch_refuses_a_busy_rendezvous_port_before_torchrun(tmp_path: Path) -
 
 
 def test_launch_refuses_a_master_address_that_does_not_resolve(tmp_path: Path) -> None:
-    from compiler.build import write_build
+    from compiler.emission.build import write_build
 
     build = _build(tmp_path, "hardware.nodes=2")
     write_build(build, tmp_path / "b")
