@@ -13,11 +13,17 @@ from pathlib import Path
 from compiler.emission.build import compile_recipe
 from compiler.emission.launch import PORT_BASE, PORT_SPAN, derived_port
 from compiler.loading.overrides import parse_override
-from tests.conftest import base_recipe, write_json_recipe
+from tests.conftest import TINY_TSV, base_recipe, write_json_recipe
 
 
 def _build(tmp_path: Path, *sets: str, **sections):
-    path = write_json_recipe(tmp_path, base_recipe(**sections))
+    recipe = base_recipe(**sections)
+    # The tiny data six times over: one micro-batch for each of up to 8 processes (a stage that
+    # would take no step is refused).
+    rows = tmp_path / "tweets.tsv"
+    rows.write_bytes(b"\r\n".join([TINY_TSV.read_bytes().rstrip(b"\r\n")] * 6) + b"\r\n")
+    recipe["data"]["tweets"]["source"] = {"path": str(rows)}
+    path = write_json_recipe(tmp_path, recipe)
     return compile_recipe(path, [parse_override(s) for s in sets])
 
 

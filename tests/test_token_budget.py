@@ -6,9 +6,16 @@ from typing import Sequence
 
 import pytest
 
-from compiler.data.token_budget import BudgetError, BudgetRequest, LengthStats, nearest_rank, plan_budget
 from compiler.data.read import Row
 from compiler.data.templating import compile_template
+from compiler.data.token_budget import (
+    BudgetError,
+    BudgetRequest,
+    LengthStats,
+    choose_max_total,
+    nearest_rank,
+    plan_budget,
+)
 
 
 class CharEncoder:
@@ -148,3 +155,15 @@ def test_profile_has_p90_fields_and_a_histogram() -> None:
     bins = {b["below"]: b["count"] for b in budget.histogram}
     assert bins == {8: 0, 16: 5, 32: 16, 64: 32, 128: 47}  # totals 11..110: 11-15, 16-31, 32-63, 64-110
     assert sum(bins.values()) == 100
+
+
+def test_one_chooser_names_what_it_measured_and_caps_at_the_model() -> None:
+    totals = list(range(1, 101))
+    chat = choose_max_total(totals, _request(coverage=0.9, round_to=8), unit="rendered conversation")
+    assert chat == (96, "90% of rendered conversations are at most 90 tokens; rounded up to a multiple of 8")
+    longest = choose_max_total(totals, _request(round_to=8, n_positions_cap=64), unit="rendered conversation")
+    assert longest == (64, "the longest rendered conversation is 100 tokens; rounded up to a multiple of 8; "
+                       "capped at the model's context length 64")
+    assert choose_max_total([], _request(max_total_tokens=32)) == (32, "set in the recipe (tokens.max_total = 32)")
+    with pytest.raises(BudgetError, match="exceeds the model's context length 16"):
+        choose_max_total([], _request(max_total_tokens=32, n_positions_cap=16))
