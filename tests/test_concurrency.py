@@ -19,8 +19,8 @@ import pytest
 
 from compiler.data import assets
 from compiler.data.assets import asset_path
-from runtime.contract.assets import AssetSpec
 from compiler.emission.launch import derived_port
+from runtime.contract.assets import AssetSpec
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 from tests.test_assets import TWEETS_TEXT, build_fake_sdist, fake_spec
 

@@ -15,8 +15,8 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from compiler.data.assets import asset_path
-from runtime.contract.assets import load_catalog
 from compiler.emission.build import compile_recipe
+from runtime.contract.assets import load_catalog
 from tests.conftest import write_json_recipe
 
 FORMATS = Path(__file__).resolve().parent / "data" / "formats"

@@ -19,7 +19,6 @@ from transformers import AutoTokenizer
 
 from compiler.data import gguf_tokenizer
 from compiler.data.assets import asset_path
-from runtime.contract.assets import AssetError, load_catalog
 from compiler.data.gguf_tokenizer import (
     GgufTokenizerFacts,
     build_hf_tokenizer,
@@ -27,6 +26,7 @@ from compiler.data.gguf_tokenizer import (
     write_tokenizer_dir,
 )
 from compiler.data.tokenizer_convert import bytes_to_unicode
+from runtime.contract.assets import AssetError, load_catalog
 
 SMOLLM2 = load_catalog()["smollm2-135m-instruct-gguf"]
 

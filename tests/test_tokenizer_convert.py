@@ -14,13 +14,13 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from tokenizers import Tokenizer
 
 from compiler.data.assets import asset_path
-from runtime.contract.assets import load_catalog
 from compiler.data.tokenizer_convert import (
     GPT2_PATTERN,
     last_merge,
     read_tiktoken_ranks,
     tiktoken_to_tokenizer_json,
 )
+from runtime.contract.assets import load_catalog
 
 ENDOFTEXT = "<|endoftext|>"
 

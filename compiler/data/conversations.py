@@ -9,15 +9,14 @@ way `transformers` renders `apply_chat_template` (trim_blocks, lstrip_blocks).
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from runtime.contract.paths import templates_dir
 from compiler.data.templating import TemplateError
+from runtime.contract.paths import templates_dir
 
 BUILTIN_CHAT_TEMPLATES = ("chatml", "llama3", "llama2", "chatglm3", "alpaca")
 ROLES = ("system", "user", "assistant", "tool")

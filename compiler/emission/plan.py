@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from compiler.estimation.catalog import ModelFacts
 from compiler.diagnostics import Diagnostic
+from compiler.estimation.catalog import ModelFacts
 from compiler.estimation.estimate import GIB
+from compiler.estimation.params import Architecture, ParameterCount
 from compiler.loading.loader import LoadedRecipe, display_path
 from compiler.loading.overrides import Override
-from compiler.estimation.params import Architecture, ParameterCount
 from compiler.views.plan_md import summary_line
 from runtime.contract.config import RuntimeConfig
 

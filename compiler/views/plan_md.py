@@ -15,6 +15,7 @@ def render_markdown(plan: dict[str, Any]) -> str:
 
 
 def summary_line(stages: Sequence[dict[str, Any]], totals: dict[str, Any], device: str) -> str:
+    """The plan's last line: stages, tokens, FLOPs, time or cost, and peak memory per device."""
     n = len(stages)
     bound = "" if all(s["tokens_measured"] for s in stages) else "at most "
     parts = [f"{n} stage{'s' * (n != 1)}", f"{bound}{si(totals['train_tokens'])} tokens",
@@ -32,6 +33,7 @@ def summary_line(stages: Sequence[dict[str, Any]], totals: dict[str, Any], devic
 
 
 def duration(seconds: float) -> str:
+    """A wall time for people: seconds, minutes or hours."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -40,6 +42,7 @@ def duration(seconds: float) -> str:
 
 
 def si(value: float) -> str:
+    """A count with an SI prefix: 4.1M, 1.2T."""
     for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if value >= scale:
             return f"{value / scale:.1f}{unit}"

@@ -6,7 +6,6 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, create_model, model_validator
 
-from compiler.loading.spec.model import AdapterSection
 from compiler.loading.spec.base import (
     Auto,
     NonNegativeFloat,
@@ -16,6 +15,7 @@ from compiler.loading.spec.base import (
     Probability,
     Section,
 )
+from compiler.loading.spec.model import AdapterSection
 
 
 class TrainSection(Section):
