@@ -8,7 +8,7 @@ Three files cover the categories (each needs its own record shape): an openai-ch
 JSONL file (missing_field, wrong_type, not_a_number, empty_field) and a scored TSV file
 (wrong_field_count, not_a_number). For each it prints the counts per category expected against
 those `recipe data check --json` reports, whether every bad row was reported at its line with its
-categories (through compiler.data.read_dataset, the reader the check and `recipe compile`
+categories (through compiler.data.read.read_dataset, the reader the check and `recipe compile`
 share), whether any row went missing, how many line numbers the command itself lists, and the
 wall time against the target (default 10 s per 100,000 rows: the throughput README sets for
 measuring templated rows, benchmarks/token_profile.py). A last probe checks that valid JSON rows

@@ -4,7 +4,7 @@
 
 For each family, precision and way of holding the weights (MODES below: fp32 weights under
 autocast, half-precision weights, LoRA over a frozen base, bitsandbytes-quantized base), small
-models are stepped on fake tensors (`compiler.precise`:
+models are stepped on fake tensors (`compiler.estimation.precise`:
 FakeTensorMode + MemTracker, the real transformers code) at two depths; the growth per layer,
 divided by the tokens in the batch, is the activation memory one layer saves per token. Varying
 the hidden size, the MLP width, the key/value width and the sequence length one at a time gives
@@ -24,10 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
-from compiler.catalog import ModelFacts  # noqa: E402
-from compiler.estimate import AUTOCAST_WEIGHT_COPY_BYTES  # noqa: E402
-from compiler.params import architecture, block_parameters  # noqa: E402
-from compiler.precise import simulate_step  # noqa: E402
+from compiler.estimation.catalog import ModelFacts  # noqa: E402
+from compiler.estimation.estimate import AUTOCAST_WEIGHT_COPY_BYTES  # noqa: E402
+from compiler.estimation.params import architecture, block_parameters  # noqa: E402
+from compiler.estimation.precise import simulate_step  # noqa: E402
 
 BATCH = 2
 OUT = REPO / "specs" / "estimates" / "activations.toml"

@@ -21,9 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from compiler.catalog import activation_coefficients, load_model_facts  # noqa: E402
-from compiler.estimate import GIB, ActivationCoefficients, TrainSetup, train_memory  # noqa: E402
-from compiler.params import architecture, lora_parameters, parameters  # noqa: E402
+from compiler.estimation.catalog import activation_coefficients, load_model_facts  # noqa: E402
+from compiler.estimation.estimate import GIB, ActivationCoefficients, TrainSetup, train_memory  # noqa: E402
+from compiler.estimation.params import architecture, lora_parameters, parameters  # noqa: E402
 
 DATA = REPO / "benchmarks" / "data" / "memory_measurements.toml"
 # torch.cuda.max_memory_allocated excludes the CUDA context; reserved and nvidia-smi-style figures

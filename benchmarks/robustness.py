@@ -127,7 +127,7 @@ def run_killed_compiles(root: Path) -> tuple[int, list[str]]:
     import shutil
     import subprocess
 
-    from compiler.cli import _check_build
+    from compiler.cli.running import check_build
     from compiler.diagnostics import RecipeError
     from runtime.contract.files import CRASH_AT_ENV
 
@@ -163,7 +163,7 @@ def run_killed_compiles(root: Path) -> tuple[int, list[str]]:
                 shutil.copytree(out, probe, dirs_exist_ok=True)
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # its notes on what it restored
-                    _check_build(probe)
+                    check_build(probe)
                 state = interrupted._compiled(probe)
                 whole = state == after or (previous and state == before)
             except RecipeError as exc:

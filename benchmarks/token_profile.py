@@ -19,11 +19,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from compiler.assets import asset_path, load_catalog  # noqa: E402
-from compiler.build import compile_recipe, write_build  # noqa: E402
-from compiler.prepare import prepare_dataset  # noqa: E402
-from compiler.tokenizer import tiktoken_encoder  # noqa: E402
-from compiler.validate import validate  # noqa: E402
+from compiler.data.assets import asset_path  # noqa: E402
+from compiler.data.prepare import prepare_dataset  # noqa: E402
+from compiler.data.tokenizer import tiktoken_encoder  # noqa: E402
+from compiler.emission.build import compile_recipe, write_build  # noqa: E402
+from compiler.rules.validate import validate  # noqa: E402
+from runtime.contract.assets import load_catalog  # noqa: E402
 
 TARGET_S = 5.0
 

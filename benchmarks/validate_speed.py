@@ -25,7 +25,7 @@ _IN_PROCESS = """
 import sys, time, json
 from pathlib import Path
 started = time.perf_counter()
-from compiler.validate import validate
+from compiler.rules.validate import validate
 imported = time.perf_counter()
 validate(Path(sys.argv[1]))
 done = time.perf_counter()

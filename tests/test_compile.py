@@ -6,7 +6,10 @@ import json
 import os
 from pathlib import Path
 
-from compiler.build import compile_recipe, write_build
+import pytest
+
+from compiler.diagnostics import RecipeError
+from compiler.emission.build import compile_recipe, write_build
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 EXAMPLE = REPO / "specs" / "examples" / "tweet-sentiment.toml"
@@ -100,3 +103,35 @@ def test_recompile_keeps_run_outputs_and_removes_stale_artifacts(tmp_path: Path)
     assert (out / "eval.json").read_text() == "{}"
     assert (out / "model" / "config.json").exists()
     assert not (out / "old-artifact.txt").exists()
+
+
+def test_a_stage_whose_epoch_takes_no_step_is_refused_with_the_fix(tmp_path: Path) -> None:
+    # 10 rows, 3 held out: 7 training rows make 2 micro-batches of 4, fewer than 4 processes.
+    recipe = write_json_recipe(tmp_path, base_recipe(hardware={"nproc_per_node": 4}))
+    with pytest.raises(RecipeError) as raised:
+        compile_recipe(recipe)
+    [diagnostic] = raised.value.diagnostics
+    assert diagnostic.message == (
+        'stage "sft" would take 0 steps per epoch: 7 training rows of data set "tweets" make 2 micro-batches '
+        "of 4, fewer than the 4 processes that each need one")
+    assert diagnostic.help == ("set micro_batch_size = 1 or less, or train on fewer processes "
+                               "(hardware.nproc_per_node x hardware.nodes = 4)")
+    assert diagnostic.key == "train.micro_batch_size"
+    result = run_cli("compile", str(recipe), "--out", str(tmp_path / "build"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert 'error: stage "sft" would take 0 steps per epoch' in result.stderr
+    assert not (tmp_path / "build").exists()
+
+
+def test_a_stage_with_one_micro_batch_per_process_plans_its_steps(tmp_path: Path) -> None:
+    recipe = write_json_recipe(tmp_path, base_recipe(hardware={"nproc_per_node": 2}))
+    build = compile_recipe(recipe)
+    assert [s["steps"] for s in build.plan["stages"]] == [1]
+
+
+def test_a_stage_with_no_training_rows_is_refused(tmp_path: Path) -> None:
+    recipe = base_recipe(stages=[{"name": "sft", "kind": "sft", "data": "tweets", "micro_batch_size": 2}])
+    recipe["data"]["tweets"]["max_rows"] = 1
+    recipe["data"]["tweets"]["split"] = {"heldout_fraction": 0.6, "seed": 1}
+    with pytest.raises(RecipeError, match='stage "sft" has no training rows: data set "tweets" kept none'):
+        compile_recipe(write_json_recipe(tmp_path, recipe))

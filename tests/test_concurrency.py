@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from compiler import assets
-from compiler.assets import AssetSpec, asset_path
-from compiler.launch import derived_port
+from compiler.data import assets
+from compiler.data.assets import asset_path
+from compiler.emission.launch import derived_port
+from runtime.contract.assets import AssetSpec
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
-from tests.test_assets import TWEETS_TEXT, _build_fake_sdist, _fake_spec
+from tests.test_assets import TWEETS_TEXT, build_fake_sdist, fake_spec
 
 # --- the asset cache --------------------------------------------------------------------------
 
@@ -40,13 +41,13 @@ def _fetch_child(cache_root: str, archive: str, sha256: str, log: str, barrier, 
 
     assets._download = download
     barrier.wait(timeout=60)
-    Path(out).write_text(asset_path(_fake_spec(sha256)).read_text())
+    Path(out).write_text(asset_path(fake_spec(sha256)).read_text())
 
 
 def _fetchers(tmp_path: Path, n: int, first_sleep_s: float) -> tuple[list, list[Path], Path, str, object]:
     registry = tmp_path / "registry"
     registry.mkdir()
-    archive = _build_fake_sdist(registry)
+    archive = build_fake_sdist(registry)
     sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(n)
@@ -60,7 +61,7 @@ def _fetchers(tmp_path: Path, n: int, first_sleep_s: float) -> tuple[list, list[
 
 
 def _assert_cached_whole(tmp_path: Path, sha256: str) -> None:
-    folder = tmp_path / "cache" / "assets" / _fake_spec(sha256).directory_name
+    folder = tmp_path / "cache" / "assets" / fake_spec(sha256).directory_name
     source = json.loads((folder / "source.json").read_text())
     content = (folder / "tweets.txt").read_bytes()
     assert hashlib.sha256(content).hexdigest() == source["member_sha256"] == \

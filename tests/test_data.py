@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from compiler.data import Row, read_rows, split_rows
+from compiler.data.read import Row, read_rows, split_rows
 from compiler.diagnostics import RecipeError
-from compiler.recipe import Dataset
+from compiler.loading.recipe import Dataset
 from tests.conftest import TINY_TSV
 
 

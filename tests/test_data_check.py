@@ -11,8 +11,9 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from compiler.assets import asset_path, load_catalog
-from compiler.billing import CL100K_PATTERN, CL100K_SPECIAL_TOKENS, cost_usd, default_epochs
+from compiler.data.assets import asset_path
+from compiler.data.billing import CL100K_PATTERN, CL100K_SPECIAL_TOKENS, cost_usd, default_epochs
+from runtime.contract.assets import load_catalog
 from tests.conftest import run_cli
 
 FORMATS = Path(__file__).resolve().parent / "data" / "formats"

@@ -77,7 +77,7 @@ def test_the_shipped_hook_and_workflow_run_the_review_commands() -> None:
 def test_lora_rank_8_vs_64_shows_the_predicted_memory_and_cost_deltas(tmp_path: Path) -> None:
     import tomllib
 
-    from compiler.build import compile_recipe
+    from compiler.emission.build import compile_recipe
     from tests.conftest import REPO
 
     (tmp_path / "data").symlink_to(REPO / "specs" / "examples" / "data")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from compiler.catalog import ModelFacts, load_model_facts, model_catalog
-from compiler.estimate import TrainSetup, train_memory
-from compiler.params import architecture, lora_parameters, parameters, prefix_parameters
+from compiler.estimation.catalog import ModelFacts, load_model_facts, model_catalog
+from compiler.estimation.estimate import TrainSetup, train_memory
+from compiler.estimation.params import architecture, lora_parameters, parameters, prefix_parameters
 
 
 def _gpt2_facts(n_embd: int, n_layer: int, n_head: int, n_positions: int) -> ModelFacts:
@@ -142,7 +142,7 @@ def test_logits_cost_what_the_loss_holds(loss: str, bytes_per_logit: int) -> Non
 
 
 def test_activation_coefficients_follow_how_the_weights_are_held() -> None:
-    from compiler.estimate import coefficient_keys, half_precision_weights
+    from compiler.estimation.estimate import coefficient_keys, half_precision_weights
 
     full = _setup(precision="bf16")
     assert not half_precision_weights(full) and coefficient_keys(full)[0] == "bf16"  # fp32 weights, autocast

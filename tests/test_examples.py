@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from compiler.build import compile_recipe
-from compiler.overrides import parse_override
+from compiler.emission.build import compile_recipe
+from compiler.loading.overrides import parse_override
 from tests.conftest import REPO, run_cli
 
 EXAMPLES = REPO / "specs" / "examples"
@@ -140,7 +140,8 @@ def test_override_of_a_missing_stage_is_an_error() -> None:
 
 
 def test_committed_chat_data_equals_its_generator(tmp_path: Path) -> None:
-    from compiler.assets import fetch_all, load_catalog
+    from compiler.data.assets import fetch_all
+    from runtime.contract.assets import load_catalog
 
     seed_tasks = fetch_all(["seed-tasks"], load_catalog())["seed-tasks"]
     committed = (EXAMPLES / "data" / "seed-tasks-chat.jsonl").read_text(encoding="utf-8")
@@ -152,7 +153,7 @@ def test_committed_chat_data_equals_its_generator(tmp_path: Path) -> None:
 def test_toml_and_json_spellings_of_a_recipe_mean_the_same(path: Path, tmp_path: Path) -> None:
     import tomllib
 
-    from compiler.loader import load_recipe
+    from compiler.loading.loader import load_recipe
 
     (tmp_path / "data").symlink_to(EXAMPLES / "data")
     as_json = tmp_path / f"{path.stem}.json"

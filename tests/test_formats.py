@@ -14,8 +14,9 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from compiler.assets import asset_path, load_catalog
-from compiler.build import compile_recipe
+from compiler.data.assets import asset_path
+from compiler.emission.build import compile_recipe
+from runtime.contract.assets import load_catalog
 from tests.conftest import write_json_recipe
 
 FORMATS = Path(__file__).resolve().parent / "data" / "formats"

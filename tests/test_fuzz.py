@@ -39,14 +39,14 @@ MAX_NESTING = 40
 def cached_tokenizer():
     """`recipe data check` builds cl100k_base from its ranks file on every call (~0.3 s); reuse one
     across cases so thousands of them run in seconds. Behaviour is otherwise unchanged."""
-    import compiler.billing
+    import compiler.data.billing
 
-    original = compiler.billing.cl100k_encoding
-    compiler.billing.cl100k_encoding = functools.lru_cache(maxsize=None)(original)
+    original = compiler.data.billing.cl100k_encoding
+    compiler.data.billing.cl100k_encoding = functools.lru_cache(maxsize=None)(original)
     try:
         yield
     finally:
-        compiler.billing.cl100k_encoding = original
+        compiler.data.billing.cl100k_encoding = original
 
 
 def outcome(argv: list[str]) -> tuple[int | str, str]:

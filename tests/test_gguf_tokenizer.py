@@ -17,15 +17,16 @@ from gguf import GGUFReader, GGUFWriter
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from compiler import gguf_tokenizer
-from compiler.assets import AssetError, asset_path, load_catalog
-from compiler.gguf_tokenizer import (
+from compiler.data import gguf_tokenizer
+from compiler.data.assets import asset_path
+from compiler.data.gguf_tokenizer import (
     GgufTokenizerFacts,
     build_hf_tokenizer,
     read_gguf_tokenizer,
     write_tokenizer_dir,
 )
-from compiler.tokenizer_convert import bytes_to_unicode
+from compiler.data.tokenizer_convert import bytes_to_unicode
+from runtime.contract.assets import AssetError, load_catalog
 
 SMOLLM2 = load_catalog()["smollm2-135m-instruct-gguf"]
 

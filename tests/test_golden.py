@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from compiler.build import compile_recipe
+from compiler.emission.build import compile_recipe
 from tests.conftest import REPO
 
 GOLDEN = REPO / "tests" / "golden"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from compiler.cli import _check_build, main
+from compiler.cli import main
+from compiler.cli.running import check_build
 from compiler.diagnostics import RecipeError
 from runtime.contract.files import CRASH_AT_ENV, SWAP_PREFIX
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
@@ -85,7 +86,7 @@ def _usable_as(out: Path, probe: Path) -> dict[str, bytes]:
     """Check a copy of `out` the way `recipe run` and `recipe eval` do first (which repairs a
     half-done swap) and return its compiled files."""
     shutil.copytree(out, probe, symlinks=True)
-    _check_build(probe)
+    check_build(probe)
     return _compiled(probe)
 
 
@@ -113,7 +114,7 @@ def test_killed_recompile_keeps_the_previous_build(builds, tmp_path: Path, monke
     assert _run_outputs(out) == RUN_OUTPUTS
     assert not list(out.glob(f"{SWAP_PREFIX}*"))
     assert not (out / "ds_config.sft.json").exists()  # v1's artifacts that v2 does not produce
-    _check_build(out)
+    check_build(out)
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
@@ -184,7 +185,7 @@ def test_the_run_lock_is_the_one_training_holds() -> None:
 
     # One lock for compile, `recipe run` and training: runtime.contract.files.run_lock. Read the
     # modules without importing them (runtime.train imports torch).
-    for rel in ("runtime/train.py", "compiler/build.py", "compiler/cli.py"):
+    for rel in ("runtime/train.py", "compiler/emission/build.py", "compiler/cli/running.py"):
         tree = ast.parse((REPO / rel).read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                     and node.module == "runtime.contract.files" for alias in node.names}
@@ -194,4 +195,4 @@ def test_the_run_lock_is_the_one_training_holds() -> None:
 
 def test_check_build_names_a_missing_build(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="not a build directory"):
-        _check_build(tmp_path / "nothing-here")
+        check_build(tmp_path / "nothing-here")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.cli import _check_build
+from compiler.cli.running import check_build
 from runtime.contract.files import CRASH_AT_ENV, SWAP_PREFIX
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
@@ -84,7 +84,7 @@ def test_killed_eval_keeps_the_previous_outputs_whole(trained: Path, tmp_path: P
     # previous set back whole.
     probe = tmp_path / "probe"
     shutil.copytree(build, probe, symlinks=True)
-    _check_build(probe)
+    check_build(probe)
     assert _outputs(probe) == PREVIOUS
     assert not (probe / "eval.json").read_bytes().startswith(b"{")
 

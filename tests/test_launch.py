@@ -10,14 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compiler.build import compile_recipe
-from compiler.launch import PORT_BASE, PORT_SPAN, derived_port
-from compiler.overrides import parse_override
-from tests.conftest import base_recipe, write_json_recipe
+from compiler.emission.build import compile_recipe
+from compiler.emission.launch import PORT_BASE, PORT_SPAN, derived_port
+from compiler.loading.overrides import parse_override
+from tests.conftest import TINY_TSV, base_recipe, write_json_recipe
 
 
 def _build(tmp_path: Path, *sets: str, **sections):
-    path = write_json_recipe(tmp_path, base_recipe(**sections))
+    recipe = base_recipe(**sections)
+    # The tiny data six times over: one micro-batch for each of up to 8 processes (a stage that
+    # would take no step is refused).
+    rows = tmp_path / "tweets.tsv"
+    rows.write_bytes(b"\r\n".join([TINY_TSV.read_bytes().rstrip(b"\r\n")] * 6) + b"\r\n")
+    recipe["data"]["tweets"]["source"] = {"path": str(rows)}
+    path = write_json_recipe(tmp_path, recipe)
     return compile_recipe(path, [parse_override(s) for s in sets])
 
 
@@ -70,7 +76,7 @@ def _run_launch(build_dir: Path, **env) -> subprocess.CompletedProcess:
 
 
 def test_launch_refuses_a_busy_rendezvous_port_before_torchrun(tmp_path: Path) -> None:
-    from compiler.build import write_build
+    from compiler.emission.build import write_build
 
     build = _build(tmp_path, "hardware.nodes=2")
     write_build(build, tmp_path / "b")
@@ -84,7 +90,7 @@ def test_launch_refuses_a_busy_rendezvous_port_before_torchrun(tmp_path: Path) -
 
 
 def test_launch_refuses_a_master_address_that_does_not_resolve(tmp_path: Path) -> None:
-    from compiler.build import write_build
+    from compiler.emission.build import write_build
 
     build = _build(tmp_path, "hardware.nodes=2")
     write_build(build, tmp_path / "b")

@@ -1,6 +1,6 @@
 """The analytical activation model against simulated training steps on fake tensors.
 
-`compiler.precise` runs transformers' own model code under FakeTensorMode with MemTracker; the
+`compiler.estimation.precise` runs transformers' own model code under FakeTensorMode with MemTracker; the
 calibrated coefficients in specs/estimates/activations.toml must reproduce what it measures for
 configurations they were not fitted on (other widths, depths, batch sizes and lengths)."""
 
@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 
-from compiler.catalog import ModelFacts, activation_coefficients
-from compiler.estimate import ActivationCoefficients, TrainSetup, activation_bytes
-from compiler.params import architecture
-from compiler.precise import simulate_step
+from compiler.estimation.catalog import ModelFacts, activation_coefficients
+from compiler.estimation.estimate import ActivationCoefficients, TrainSetup, activation_bytes
+from compiler.estimation.params import architecture
+from compiler.estimation.precise import simulate_step
 
 warnings.filterwarnings("ignore")
 
@@ -63,7 +63,7 @@ def test_calibrated_activations_match_a_simulated_step(family: str, precision: s
                        device="cpu", coefficients=coefficients)
     estimated = activation_bytes(a, setup)
     if precision != "fp32" and mode == "autocast":  # the simulation counts autocast's weight copies as
-        from compiler.params import block_parameters  # activations; the plan counts them with the weights
+        from compiler.estimation.params import block_parameters  # activations; the plan counts them with the weights
         measured -= 2 * block_parameters(a) * a.layers
     # within 8%: the fit is exact on the configurations it was fitted on; these differ in width,
     # heads, depth, batch and length (the largest gap seen is fp32 llama, about 6%)
@@ -96,7 +96,7 @@ def test_simulated_step_reports_parameters_and_optimizer_state_exactly() -> None
     config = CONFIGS["llama"]
     result = simulate_step(config, micro_batch_size=1, seq_len=32, supervised_per_example=1)
     a = architecture(ModelFacts(name="test", family="llama", config=config))
-    from compiler.params import parameters
+    from compiler.estimation.params import parameters
 
     n = parameters(a).total
     # fp32 weights, plus the rotary inverse frequencies (a 16-value buffer, and its original copy)

@@ -109,8 +109,9 @@ def test_dpo_loss_equals_trl_on_the_same_model_and_batch(tmp_path: Path, loss_ty
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer
 
-    from compiler.assets import asset_path, load_catalog
-    from compiler.tokenizer_convert import tiktoken_to_tokenizer_json
+    from compiler.data.assets import asset_path
+    from runtime.contract.assets import load_catalog
+    from compiler.data.tokenizer_convert import tiktoken_to_tokenizer_json
     from runtime.data import IGNORE_INDEX
     from runtime.dpo import DpoLoss
 

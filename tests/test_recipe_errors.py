@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from compiler.diagnostics import RecipeError
-from compiler.loader import load_recipe
-from compiler.validate import validate
+from compiler.loading.loader import load_recipe
+from compiler.rules.validate import validate
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 BAD_TOML = textwrap.dedent(

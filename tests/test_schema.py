@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from compiler.schema import recipe_json_schema, recipe_schema
+from compiler.loading.schema import recipe_json_schema, recipe_schema
 from tests.conftest import REPO, base_recipe, run_cli
 
 SCHEMA_FILE = REPO / "specs" / "recipe.schema.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from compiler.build import compile_recipe
+from compiler.emission.build import compile_recipe
 from tests.conftest import base_recipe, run_cli, write_json_recipe
 
 ROWS = [{"user_input": f"question {i}", "completion": f"answer {i}"} for i in range(6)]

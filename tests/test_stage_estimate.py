@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from compiler.build import compile_recipe
-from compiler.catalog import ModelFacts
-from compiler.estimate import GIB, ActivationCoefficients, TrainSetup, train_memory, wall_seconds
-from compiler.params import architecture
+from compiler.emission.build import compile_recipe
+from compiler.estimation.catalog import ModelFacts
+from compiler.estimation.estimate import GIB, ActivationCoefficients, TrainSetup, train_memory, wall_seconds
+from compiler.estimation.params import architecture
 from tests.conftest import write_json_recipe
 
 TINY = architecture(ModelFacts(name="t", family="llama", config={

@@ -11,8 +11,9 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from compiler.assets import asset_path, load_catalog
-from compiler.build import compile_recipe
+from compiler.data.assets import asset_path
+from compiler.emission.build import compile_recipe
+from runtime.contract.assets import load_catalog
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

@@ -13,13 +13,14 @@ import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 from tokenizers import Tokenizer
 
-from compiler.assets import asset_path, load_catalog
-from compiler.tokenizer_convert import (
+from compiler.data.assets import asset_path
+from compiler.data.tokenizer_convert import (
     GPT2_PATTERN,
-    _last_merge,
+    last_merge,
     read_tiktoken_ranks,
     tiktoken_to_tokenizer_json,
 )
+from runtime.contract.assets import load_catalog
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -87,8 +88,8 @@ def test_tiny_ranks_match_tiktoken(tiny_ranks):
 
 def test_merge_is_the_one_tiktoken_makes_last(tiny_ranks):
     ranks = read_tiktoken_ranks(tiny_ranks)
-    assert _last_merge(ranks, b"abc") == (b"ab", b"c")
-    assert _last_merge(ranks, b"hello") == (b"hell", b"o")
+    assert last_merge(ranks, b"abc") == (b"ab", b"c")
+    assert last_merge(ranks, b"hello") == (b"hell", b"o")
 
 
 def test_output_is_deterministic_across_processes(tiny_ranks):
@@ -97,7 +98,7 @@ def test_output_is_deterministic_across_processes(tiny_ranks):
     assert tiktoken_to_tokenizer_json(tiny_ranks, special_tokens=special) == first
     # A fresh interpreter gets fresh hash seeds (Python's and the Rust library's).
     script = (
-        "import sys; from pathlib import Path; from compiler.tokenizer_convert import tiktoken_to_tokenizer_json; "
+        "import sys; from pathlib import Path; from compiler.data.tokenizer_convert import tiktoken_to_tokenizer_json; "
         f"sys.stdout.write(tiktoken_to_tokenizer_json(Path({str(tiny_ranks)!r}), special_tokens={special!r}))"
     )
     other = subprocess.run(

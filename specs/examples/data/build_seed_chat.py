@@ -38,7 +38,8 @@ def render(records: list[dict]) -> str:
 
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    from compiler.assets import fetch_all, load_catalog
+    from compiler.data.assets import fetch_all
+    from runtime.contract.assets import load_catalog
 
     path = fetch_all(["seed-tasks"], load_catalog())["seed-tasks"]
     OUT.write_text(render(chat_records(path)), encoding="utf-8")

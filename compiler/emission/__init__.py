@@ -1,0 +1,1 @@
+"""Emission: the runtime config, the plan, the launch scripts and the manifest of a build directory."""

@@ -1,0 +1,1 @@
+"""Estimation: parameters, memory, FLOPs, time and cost, as pure functions of frozen inputs."""

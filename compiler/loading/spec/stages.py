@@ -1,0 +1,229 @@
+"""Training: shared hyperparameters in [train], and the stages that use them in order."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import Field, create_model, model_validator
+
+from compiler.loading.spec.base import (
+    Auto,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Section,
+)
+from compiler.loading.spec.model import AdapterSection
+
+
+class TrainSection(Section):
+    """Training hyperparameters shared by every stage; a stage may override any of them."""
+
+    epochs: PositiveInt = 3
+    """Passes over the stage's training data."""
+    max_steps: PositiveInt | None = None
+    """Stop after this many optimizer steps instead of counting epochs."""
+    micro_batch_size: PositiveInt = 8
+    """Examples per device per forward/backward pass."""
+    grad_accum: PositiveInt = 1
+    """Micro-batches accumulated before each optimizer step."""
+    global_batch_size: PositiveInt | None = None
+    """Examples per optimizer step across all devices. Optional: when given, it must equal
+    micro_batch_size x grad_accum x GPUs per node x nodes, as a check on the arithmetic."""
+    learning_rate: PositiveFloat = 5e-4
+    """Peak learning rate."""
+    lr_schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Shape of the learning-rate curve after warmup."""
+    warmup_steps: NonNegativeInt = 0
+    """Steps of linear warmup from 0 to the peak learning rate."""
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    """Warmup as a share of all steps; instead of warmup_steps."""
+    weight_decay: NonNegativeFloat = 0.0
+    """Decoupled weight decay (applied to matrices, not to biases and norms)."""
+    max_grad_norm: PositiveFloat = 1.0
+    """Clip the global gradient norm to this value."""
+    optimizer: Literal["adamw", "adamw_8bit", "sgd", "adafactor"] = "adamw"
+    """Optimizer. adamw_8bit needs bitsandbytes and a GPU."""
+    adam_betas: Annotated[tuple[float, float], Field(strict=False)] = (0.9, 0.999)  # TOML and JSON have lists
+    """AdamW beta1, beta2."""
+    adam_eps: PositiveFloat = 1e-8
+    """AdamW epsilon."""
+    momentum: Probability = 0.9
+    """SGD momentum."""
+    log_every_steps: PositiveInt = 10
+    """Write a metrics line every this many steps."""
+    eval_every_steps: PositiveInt | None = None
+    """Compute the held-out loss every this many steps (default: at the end of each epoch)."""
+    save_every_steps: PositiveInt | None = None
+    """Write a resumable checkpoint every this many steps (default: at the end of the stage)."""
+    keep_checkpoints: PositiveInt = 2
+    """How many recent checkpoints to keep."""
+    length_grouping: bool = True
+    """Batch examples of similar length together, so little padding is computed."""
+    packing: bool = False
+    """Pack several examples into one sequence (attention kept separate per example)."""
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainSection:
+        if "epochs" in self.model_fields_set and self.max_steps is not None:
+            raise ValueError("give epochs or max_steps, not both")
+        if self.warmup_ratio is not None and "warmup_steps" in self.model_fields_set:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        return self
+
+
+TRAIN_KEYS = tuple(TrainSection.model_fields)
+
+
+def _overridable(section: type[Section]) -> dict[str, Any]:
+    """The fields of `section`, each optional with default None (= inherit from [train])."""
+    out: dict[str, Any] = {}
+    for name, info in section.model_fields.items():
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        out[name] = (Optional[annotation], Field(None, description=f"{info.description} Overrides [train]."))
+    return out
+
+
+class _StageIdentity(Section):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    """Stage name: lowercase letters, digits, '.', '_' or '-'. Later stages refer to it."""
+    data: str | None = None
+    """Data set to train on (a name under [data]); may be omitted when the recipe has one data set."""
+    start: str = Field("base", alias="from")
+    """Weights this stage starts from: "base" (the recipe's [model]) or the name of an earlier stage."""
+    adapter: AdapterSection | None = None
+    """Adapter for this stage; otherwise the recipe's [adapter]."""
+
+
+_StageBase = create_model("_StageBase", __base__=_StageIdentity, **_overridable(TrainSection))
+
+
+class PretrainStage(_StageBase):
+    """Next-token prediction on every token of the data."""
+
+    kind: Literal["pretrain"]
+    """pretrain, sft, reward, dpo or ppo."""
+
+
+class SftStage(_StageBase):
+    """Supervised fine-tuning: loss on the completion or assistant tokens only (see template.loss)."""
+
+    kind: Literal["sft"]
+    """pretrain, sft, reward, dpo or ppo."""
+
+
+class RewardStage(_StageBase):
+    """A reward model: the language model with a scalar head."""
+
+    kind: Literal["reward"]
+    """pretrain, sft, reward, dpo or ppo."""
+    objective: Literal["pairwise", "regression"] = "pairwise"
+    """pairwise: chosen must outscore rejected (preference data); regression: predict a score."""
+    score_field: str = "score"
+    """With objective = "regression": the numeric field to predict."""
+
+
+class DpoStage(_StageBase):
+    """Direct preference optimisation against a frozen reference model."""
+
+    kind: Literal["dpo"]
+    """pretrain, sft, reward, dpo or ppo."""
+    beta: PositiveFloat = 0.1
+    """Strength of the implicit KL penalty towards the reference model."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """DPO loss variant."""
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
+    """Conservative DPO: assumed share of flipped preference labels."""
+    reference: str | None = None
+    """Frozen reference: "base" or an earlier stage; defaults to the stage this one starts from."""
+
+
+class GenerationSection(Section):
+    """Sampling settings for rollouts and sample generations."""
+
+    max_new_tokens: PositiveInt | Auto = "auto"
+    """Tokens to generate; "auto" uses the longest completion in the data."""
+    do_sample: bool = True
+    """Sample (true) or decode greedily (false)."""
+    temperature: PositiveFloat = 1.0
+    """Softmax temperature when sampling."""
+    top_k: NonNegativeInt = 0
+    """Sample from the k most likely tokens (0: no limit)."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: the smallest token set with this much probability."""
+
+
+class PpoStage(_StageBase):
+    """PPO against a reward model: actor, critic, frozen reference and reward model."""
+
+    kind: Literal["ppo"]
+    """pretrain, sft, reward, dpo or ppo."""
+    reward_model: str
+    """The earlier reward stage that scores rollouts."""
+    reference: str | None = None
+    """Frozen reference for the KL penalty: "base" or an earlier stage; defaults to `from`."""
+    critic_from: str | None = None
+    """Initial critic weights: an earlier stage; defaults to reward_model."""
+    kl_coef: NonNegativeFloat = 0.1
+    """Weight of the per-token KL penalty towards the reference."""
+    clip_eps: PositiveFloat = 0.2
+    """Policy ratio clip range."""
+    value_clip: PositiveFloat = 0.4
+    """Value function clip range."""
+    ptx_coef: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """Share of the pretraining (PTX) loss in the actor's loss: (1 - ptx_coef) x PPO + ptx_coef x PTX."""
+    ptx_data: str | None = None
+    """Data set for the PTX loss (needed when ptx_coef > 0)."""
+    gamma: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Discount factor."""
+    lam: float = Field(default=0.95, ge=0.0, le=1.0)
+    """GAE lambda."""
+    ppo_epochs: PositiveInt = 4
+    """Optimisation passes over each batch of rollouts."""
+    rollout_batch_size: PositiveInt = 8
+    """Prompts per rollout batch."""
+    critic_learning_rate: PositiveFloat | None = None
+    """Critic learning rate; defaults to the stage's learning_rate."""
+    generation: GenerationSection = GenerationSection()
+    """How rollouts are sampled."""
+
+    @model_validator(mode="after")
+    def _ptx(self) -> PpoStage:
+        if self.ptx_coef > 0 and self.ptx_data is None:
+            raise ValueError(f"ptx_coef = {self.ptx_coef} needs ptx_data = \"<data set name>\"")
+        return self
+
+
+StageSection = Annotated[
+    Union[PretrainStage, SftStage, RewardStage, DpoStage, PpoStage], Field(discriminator="kind")
+]
+
+
+class EvalSection(Section):
+    """What is measured after training, on held-out rows."""
+
+    kind: Literal["classification", "language_model"] = "classification"
+    """classification: generate after the prompt and compare with a label; language_model: loss,
+    perplexity and sample generations."""
+    data: str | None = None
+    """Data set whose held-out rows are evaluated; defaults to the last training stage's."""
+    stage: str | None = None
+    """Stage whose model is evaluated; defaults to the last stage."""
+    label_field: str | None = None
+    """Field holding the expected label (classification)."""
+    extract: Literal["first_word", "label_set"] = "first_word"
+    """How a prediction is read from the generation: its first word, or the first label of the label set it starts with."""
+    max_new_tokens: PositiveInt | Auto = "auto"
+    """Tokens generated per prompt; "auto": the longest label."""
+    batch_size: PositiveInt = 64
+    """Prompts per generation batch."""
+    samples: NonNegativeInt = 5
+    """Held-out prompts whose generations are shown in the report."""
+
+    @model_validator(mode="after")
+    def _label(self) -> EvalSection:
+        if self.kind == "classification" and self.label_field is None:
+            raise ValueError('kind = "classification" needs label_field = "<field holding the label>"')
+        return self
