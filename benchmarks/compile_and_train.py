@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from runtime.contract.config import load_runtime_config  # noqa: E402
-from runtime.data import length_grouped_batches, read_examples  # noqa: E402
+from runtime.core.data import length_grouped_batches, read_examples  # noqa: E402
 
 
 def _timed(command: list[str]) -> float:

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from runtime.contract.config import RuntimeConfig, load_runtime_config  # noqa: E402
-from runtime.data import Encoded, read_examples  # noqa: E402
+from runtime.core.data import Encoded, read_examples  # noqa: E402
 
 RECIPE = "specs/examples/tweet-sentiment.toml"
 # The model and batch the throughput target was measured on.
@@ -68,7 +68,7 @@ def _ours_batches(config: RuntimeConfig, lengths: list[int]) -> list[list[int]] 
     """The micro-batches a single-process run of the runtime trains on, for the figures its report
     does not give; None when the runtime's batching no longer matches this reconstruction."""
     try:
-        from runtime.data import length_grouped_batches
+        from runtime.core.data import length_grouped_batches
 
         stage = config.stages[0]
         steps_per_epoch = math.ceil(math.ceil(len(lengths) / stage.micro_batch_size) / stage.grad_accum)
@@ -141,7 +141,7 @@ def _padded_dataset(examples: list[Encoded], width: int, pad_id: int) -> list[di
 
 def _baseline_model(config: RuntimeConfig):
     """The same GPT-2 the runtime builds (same shape, same initialisation code)."""
-    from runtime.model import build_model
+    from runtime.core.model import build_model
 
     return build_model(config.model)
 

@@ -291,7 +291,7 @@ def _refuse_if_training(build_dir: Path) -> None:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from runtime.chat import ChatError, run
-    from runtime.model import ModelLoadError
+    from runtime.core.model import ModelLoadError
 
     build_dir = Path(args.build)
     if not (build_dir / "runtime.json").is_file():

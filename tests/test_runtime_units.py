@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from runtime.contract.config import IncompatibleBuildError, ModelSpec, load_runtime_config
-from runtime.data import IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, length_grouped_batches
+from runtime.core.data import IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, length_grouped_batches
 from runtime.evaluate import classification_report, extract_label
-from runtime.model import TokenLoss, build_model
+from runtime.core.losses import TokenLoss
+from runtime.core.model import build_model
 
 
 def _examples() -> list[Encoded]:
