@@ -23,7 +23,8 @@ from runtime.contract.artifacts import EVAL_FORMAT_VERSION, EvalReport, dumps
 from runtime.contract.config import EvalSpec, IncompatibleBuildError, RuntimeConfig, TemplateSpec, load_runtime_config
 from runtime.contract.files import folder_lock, replace_files, roll_back_interrupted, write_failure
 from runtime.contract.layout import (
-    CONFUSION_PNG, DEEPSPEED_TAG, EVAL_FILES, EVAL_JSON, EVAL_MD, EVAL_SWAP, MODEL_DIR, PREDICTIONS_FILE, TRAINABLE_FILE,
+    CONFUSION_PNG, DEEPSPEED_TAG, EVAL_FILES, EVAL_JSON, EVAL_MD, EVAL_SWAP, MODEL_DIR, PREDICTIONS_FILE,
+    TRAINABLE_FILE,
 )
 from runtime.core.data import (
     IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, collate_rows, read_examples,
@@ -232,7 +233,8 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> EvalReport:
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(build_dir / config.tokenizer.file))
     if spec.kind == "language_model":
         report = language_model_eval(model, tokenizer, config, build_dir)
-        publish(build_dir, {EVAL_JSON: dumps(report).encode(), EVAL_MD: render_language_model_md(config, report).encode()})
+        publish(build_dir, {EVAL_JSON: dumps(report).encode(),
+                            EVAL_MD: render_language_model_md(config, report).encode()})
         return report
     data = config.data[spec.data]
     heldout = read_examples(build_dir / data.heldout)

@@ -153,7 +153,8 @@ def test_training_refuses_a_build_planned_for_other_processes_before_it_starts(t
     recipe = base_recipe(hardware={"device": "cpu", "nproc_per_node": 2},
                          train={"epochs": 1, "micro_batch_size": 2, "learning_rate": 1e-3})
     build = tmp_path / "build"
-    assert run_cli("compile", str(write_json_recipe(tmp_path, recipe)), "--out", str(build), cwd=tmp_path).returncode == 0
+    compiled = run_cli("compile", str(write_json_recipe(tmp_path, recipe)), "--out", str(build), cwd=tmp_path)
+    assert compiled.returncode == 0, compiled.stderr
     assert json.loads((build / "plan.json").read_text())["stages"][0]["steps"] == 2
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     result = subprocess.run([sys.executable, "-m", "runtime.train", str(build)], cwd=tmp_path, env=env,

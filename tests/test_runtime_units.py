@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from runtime.contract.config import IncompatibleBuildError, ModelSpec, load_runtime_config
-from runtime.core.data import IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, length_grouped_batches
+from runtime.core.data import (
+    IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, length_grouped_batches,
+)
 from runtime.evaluate import classification_report, extract_label
 from runtime.core.losses import TokenLoss
 from runtime.core.model import build_model
@@ -144,7 +146,8 @@ def test_epoch_grouping_takes_the_contracts_step_count_on_every_rank() -> None:
                     stage = SimpleNamespace(micro_batch_size=micro_batch, grad_accum=grad_accum, length_grouping=True)
                     expected = steps_per_epoch(n_rows, micro_batch, grad_accum, world)
                     for rank in range(world):
-                        groups = epoch_groups(rows, stage, seed=5, epoch=1, d=Dist(rank=rank, world=world, local_rank=0))
+                        d = Dist(rank=rank, world=world, local_rank=0)
+                        groups = epoch_groups(rows, stage, seed=5, epoch=1, d=d)
                         assert len(groups) == expected, (n_rows, micro_batch, grad_accum, world, rank)
                         assert all(1 <= len(g) <= grad_accum for g in groups)
                     checked += 1

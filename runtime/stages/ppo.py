@@ -4,7 +4,8 @@ and the policy is updated to earn more reward without drifting far from a frozen
 Models (Ouyang et al. 2022; the ColossalChat / ChatLLaMA pipeline):
   actor      the policy being trained, starting from the stage's `from` (usually the SFT model)
   reference  frozen; the KL penalty keeps the actor near it. With a LoRA actor on the same weights
-             it is the actor with the adapter switched off, so it costs no memory (runtime/core/reference.py)
+             it is the actor with the adapter switched off, so it costs no memory (the rule DPO
+             follows too: runtime/core/reference.py)
   reward     the `reward_model` stage's output, frozen; scores a whole prompt + completion
   critic     estimates the value of every position; starts from `critic_from` (the reward model)
 
