@@ -19,8 +19,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from runtime.contract.artifacts import read_eval_report, read_train_report  # noqa: E402
 from runtime.contract.config import load_runtime_config  # noqa: E402
-from runtime.data import length_grouped_batches, read_examples  # noqa: E402
+from runtime.contract.layout import EVAL_JSON, TRAIN_REPORT_FILE  # noqa: E402
+from runtime.core.data import length_grouped_batches, read_examples  # noqa: E402
 
 
 def _timed(command: list[str]) -> float:
@@ -59,14 +61,14 @@ def main() -> int:
 
         if not args.skip_run:
             figures["run_s"] = round(_timed(cli + ["run", str(build)]), 1)
-            report = json.loads((build / "train_report.json").read_text())["stages"][0]
-            evaluation = json.loads((build / "eval.json").read_text())
-            figures["train_wall_s"] = report["wall_s"]
-            figures["train_real_tokens_per_s"] = report["tokens_per_s"]
-            figures["heldout_accuracy"] = evaluation["accuracy"]
-            figures["majority_baseline"] = evaluation["majority_baseline"]
-            figures["macro_f1"] = evaluation["macro_f1"]
-            figures["eval_generation_s"] = evaluation["generation_s"]
+            report = read_train_report(build / TRAIN_REPORT_FILE).stages[0]
+            evaluation = read_eval_report(build / EVAL_JSON)
+            figures["train_wall_s"] = report.wall_s
+            figures["train_real_tokens_per_s"] = report.tokens_per_s
+            figures["heldout_accuracy"] = evaluation.accuracy
+            figures["majority_baseline"] = evaluation.majority_baseline
+            figures["macro_f1"] = evaluation.macro_f1
+            figures["eval_generation_s"] = evaluation.generation_s
     for key, value in figures.items():
         print(f"{key}: {value}")
     print(json.dumps(figures, sort_keys=True))

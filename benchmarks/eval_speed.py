@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from runtime.contract.artifacts import read_eval_report  # noqa: E402
+from runtime.contract.layout import EVAL_JSON  # noqa: E402
 
 
 def main() -> int:
@@ -36,14 +40,14 @@ def main() -> int:
     started = time.perf_counter()
     subprocess.run([python, "-m", "runtime.evaluate", str(build)], check=True, cwd=REPO, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    report = json.loads((build / "eval.json").read_text())
-    print(f"held-out tweets: {report['n']}")
+    report = read_eval_report(build / EVAL_JSON)
+    print(f"held-out tweets: {report.n}")
     print(f"eval wall time (whole process): {wall:.1f} s (target < 30 s)")
-    print(f"generation: {report['generation_s']:.2f} s, {report['generated_tokens_per_s']:.0f} generated tokens/s")
-    print(f"accuracy {report['accuracy']:.4f}, majority {report['majority_baseline']:.4f}, "
-          f"untrained {report['untrained_accuracy']:.4f}")
-    print(json.dumps({"n": report["n"], "eval_wall_s": round(wall, 2), "generation_s": report["generation_s"],
-                      "generated_tokens_per_s": report["generated_tokens_per_s"], "accuracy": report["accuracy"]},
+    print(f"generation: {report.generation_s:.2f} s, {report.generated_tokens_per_s:.0f} generated tokens/s")
+    print(f"accuracy {report.accuracy:.4f}, majority {report.majority_baseline:.4f}, "
+          f"untrained {report.untrained_accuracy:.4f}")
+    print(json.dumps({"n": report.n, "eval_wall_s": round(wall, 2), "generation_s": report.generation_s,
+                      "generated_tokens_per_s": report.generated_tokens_per_s, "accuracy": report.accuracy},
                      sort_keys=True))
     return 0
 

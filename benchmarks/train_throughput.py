@@ -39,8 +39,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from runtime.contract.artifacts import read_eval_report, read_train_report  # noqa: E402
 from runtime.contract.config import RuntimeConfig, load_runtime_config  # noqa: E402
-from runtime.data import Encoded, read_examples  # noqa: E402
+from runtime.contract.layout import EVAL_JSON, TRAIN_REPORT_FILE  # noqa: E402
+from runtime.core.data import Encoded, read_examples  # noqa: E402
 
 RECIPE = "specs/examples/tweet-sentiment.toml"
 # The model and batch the throughput target was measured on.
@@ -68,7 +70,7 @@ def _ours_batches(config: RuntimeConfig, lengths: list[int]) -> list[list[int]] 
     """The micro-batches a single-process run of the runtime trains on, for the figures its report
     does not give; None when the runtime's batching no longer matches this reconstruction."""
     try:
-        from runtime.data import length_grouped_batches
+        from runtime.core.data import length_grouped_batches
 
         stage = config.stages[0]
         steps_per_epoch = math.ceil(math.ceil(len(lengths) / stage.micro_batch_size) / stage.grad_accum)
@@ -101,23 +103,21 @@ def run_ours(build: Path, config: RuntimeConfig, examples: list[Encoded], thread
         padding = 1 - counted_tokens / sum(max(lengths[i] for i in b) * len(b) for b in batches)
     else:
         counted_tokens, padding = config.stages[0].epochs * sum(lengths), None
-    report = json.loads((build / "train_report.json").read_text())
-    stages = report.get("stages") or [{}]
+    stages = read_train_report(build / TRAIN_REPORT_FILE).stages
     # The report's figures cover the training loop only; process start, model build and saving
     # are left out, as Trainer's train_runtime leaves them out for the baseline.
-    tokens = sum(s.get("tokens", 0) for s in stages) or counted_tokens
-    wall_s = sum(s.get("wall_s", 0.0) for s in stages) or process_wall_s
-    padding = stages[0].get("padding_fraction", padding)
-    evaluation = json.loads((build / "eval.json").read_text())
+    tokens = sum(s.tokens or 0 for s in stages) or counted_tokens
+    wall_s = sum(s.wall_s or 0.0 for s in stages) or process_wall_s
+    evaluation = read_eval_report(build / EVAL_JSON)
     return {
         "tokens": tokens,
         "wall_s": round(wall_s, 2),
         "process_wall_s": round(process_wall_s, 2),
         "tokens_per_s": round(tokens / wall_s, 1),
-        "steps": sum(s.get("steps", 0) for s in stages),
+        "steps": sum(s.steps or 0 for s in stages),
         "padding_fraction": None if padding is None else round(padding, 4),
-        "accuracy": evaluation["accuracy"],
-        "majority_baseline": evaluation.get("majority_baseline"),
+        "accuracy": evaluation.accuracy,
+        "majority_baseline": evaluation.majority_baseline,
     }
 
 
@@ -141,7 +141,7 @@ def _padded_dataset(examples: list[Encoded], width: int, pad_id: int) -> list[di
 
 def _baseline_model(config: RuntimeConfig):
     """The same GPT-2 the runtime builds (same shape, same initialisation code)."""
-    from runtime.model import build_model
+    from runtime.core.model import build_model
 
     return build_model(config.model)
 

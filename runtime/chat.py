@@ -110,8 +110,10 @@ class Chat:
         from transformers import PreTrainedTokenizerFast
 
         from runtime.contract.config import IncompatibleBuildError, load_runtime_config
+        from runtime.contract.layout import MODEL_DIR
+        from runtime.core.model import ModelLoadError
+        from runtime.core.outputs import starting_model
         from runtime.evaluate import load_trained
-        from runtime.train import MODEL_DIR, starting_model
 
         try:
             self.config = config = load_runtime_config(build_dir)
@@ -119,13 +121,16 @@ class Chat:
             raise ChatError(str(exc)) from None
         self.template = config.data[config.stages[-1].data].template
         model_dir = build_dir / MODEL_DIR
-        if model_dir.is_dir():
-            self.model = load_trained(config, build_dir, model_dir)
-            self.source = str(model_dir)
-        else:
-            stage = config.stages[0]
-            self.model = starting_model(config, build_dir, stage).eval()
-            self.source = f"{build_dir} (untrained: the weights stage {stage.name!r} starts from)"
+        try:
+            if model_dir.is_dir():
+                self.model = load_trained(config, build_dir, model_dir)
+                self.source = str(model_dir)
+            else:
+                stage = config.stages[0]
+                self.model = starting_model(config, build_dir, stage).eval()
+                self.source = f"{build_dir} (untrained: the weights stage {stage.name!r} starts from)"
+        except ModelLoadError as exc:
+            raise ChatError(str(exc)) from None
         if config.tokenizer.file is None:
             raise ChatError(f"{build_dir} has no tokenizer file (the recipe's tokenizer was not available at compile)")
         self.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(build_dir / config.tokenizer.file),

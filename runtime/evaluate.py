@@ -14,19 +14,25 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from runtime.contract.files import folder_lock, replace_files, roll_back_interrupted, write_failure
+from runtime.contract.artifacts import EVAL_FORMAT_VERSION, EvalReport, dumps
 from runtime.contract.config import EvalSpec, IncompatibleBuildError, RuntimeConfig, TemplateSpec, load_runtime_config
-from runtime.data import (
+from runtime.contract.files import folder_lock, replace_files, roll_back_interrupted, write_failure
+from runtime.contract.layout import (
+    CONFUSION_PNG, DEEPSPEED_TAG, EVAL_FILES, EVAL_JSON, EVAL_MD, EVAL_SWAP, MODEL_DIR, PREDICTIONS_FILE,
+    TRAINABLE_FILE,
+)
+from runtime.core.data import (
     IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, collate_rows, read_examples,
     read_training_rows,
 )
-from runtime.model import ModelLoadError, TokenLoss, apply_adapter
-from runtime.train import MODEL_DIR, TRAINABLE_FILE, _load_trainable, starting_model
+from runtime.core.losses import TokenLoss
+from runtime.core.model import ModelLoadError, apply_adapter
+from runtime.core.outputs import load_trainable, starting_model
 
 _WORD = re.compile(r"[\w'-]+")
 SAMPLE_TOKENS = 128  # at most this many new tokens per sample generation of a language-model eval
@@ -165,9 +171,9 @@ def load_trained(config: RuntimeConfig, build_dir: Path, model_dir: Path) -> Pre
         stage = config.stages[-1]
         model = apply_adapter(starting_model(config, build_dir, stage), stage.adapter)
         tensors = torch.load(model_dir / TRAINABLE_FILE, map_location="cpu", weights_only=True)
-        _load_trainable(model, tensors, model_dir)
+        load_trainable(model, tensors, model_dir)
         return model.eval()
-    if (model_dir / "deepspeed").is_dir():
+    if (model_dir / DEEPSPEED_TAG).is_dir():
         raise FileNotFoundError(f"{model_dir} is a DeepSpeed checkpoint; evaluate the saved model (BUILD/model) "
                                 "or convert it with the zero_to_fp32.py script inside it")
     if (model_dir / "adapter_config.json").is_file():
@@ -181,7 +187,7 @@ def load_trained(config: RuntimeConfig, build_dir: Path, model_dir: Path) -> Pre
 
 
 @torch.no_grad()
-def language_model_eval(model: PreTrainedModel, tokenizer, config: RuntimeConfig, build_dir: Path) -> dict:
+def language_model_eval(model: PreTrainedModel, tokenizer, config: RuntimeConfig, build_dir: Path) -> EvalReport:
     """Held-out loss and perplexity over the supervised tokens (the completion, or the assistant
     turns of chat data, exactly as in training), and a few sample generations."""
     spec: EvalSpec = config.eval
@@ -211,11 +217,11 @@ def language_model_eval(model: PreTrainedModel, tokenizer, config: RuntimeConfig
         samples.append({"line": row.line, "prompt": tokenizer.decode(row.input_ids[:first]),
                         "reference": tokenizer.decode([t for t in row.labels if t != IGNORE_INDEX]),
                         "generated": tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)})
-    return {"n": len(rows), "supervised_tokens": count, "loss": round(mean, 4),
-            "perplexity": round(math.exp(mean), 4), "samples": samples}
+    return EvalReport(format_version=EVAL_FORMAT_VERSION, n=len(rows), supervised_tokens=count, loss=round(mean, 4),
+                      perplexity=round(math.exp(mean), 4), samples=samples)
 
 
-def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
+def evaluate(build_dir: Path, checkpoint: Path | None = None) -> EvalReport:
     config = load_runtime_config(build_dir)
     spec: EvalSpec = config.eval
     model_dir = checkpoint or build_dir / MODEL_DIR
@@ -227,8 +233,8 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(build_dir / config.tokenizer.file))
     if spec.kind == "language_model":
         report = language_model_eval(model, tokenizer, config, build_dir)
-        publish(build_dir, {"eval.json": _json_bytes(report),
-                            "eval.md": render_language_model_md(config, report).encode()})
+        publish(build_dir, {EVAL_JSON: dumps(report).encode(),
+                            EVAL_MD: render_language_model_md(config, report).encode()})
         return report
     data = config.data[spec.data]
     heldout = read_examples(build_dir / data.heldout)
@@ -241,47 +247,37 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> dict:
     generation_s = time.perf_counter() - started
     gold = [e.label.lower() for e in heldout]
     labels = [label.lower() for label in spec.labels]
-    report = classification_report(gold, predicted, labels, majority.lower())
+    figures = classification_report(gold, predicted, labels, majority.lower())
     # The same eval on the weights training started from: what the training itself bought.
     untrained = starting_model(config, build_dir, config.stages[0]).eval()
     untrained_predicted, _, _ = predict_labels(untrained, tokenizer, config, heldout)
     del untrained
-    report["untrained_accuracy"] = round(sum(g == p for g, p in zip(gold, untrained_predicted)) / len(gold), 4)
-    report["extract"] = spec.extract
+    untrained_accuracy = round(sum(g == p for g, p in zip(gold, untrained_predicted)) / len(gold), 4)
 
     losses = completion_losses(model, heldout, pad_id=pad_id, batch_size=spec.batch_size)
     mean_loss = sum(losses) / len(losses)
-    report.update(
-        {
-            "loss": round(mean_loss, 4),
-            "perplexity": round(math.exp(mean_loss), 4),
-            "generation_s": round(generation_s, 2),
-            "generated_tokens_per_s": round(sum(len(t) for t in new_tokens) / generation_s, 1),
-            "samples": [
-                {"line": e.line, "prompt": tokenizer.decode(e.prompt), "generated": t, "label": e.label}
-                for e, t in list(zip(heldout, texts))[:5]
-            ],
-        }
+    report = EvalReport(
+        format_version=EVAL_FORMAT_VERSION, **figures, untrained_accuracy=untrained_accuracy, extract=spec.extract,
+        loss=round(mean_loss, 4), perplexity=round(math.exp(mean_loss), 4), generation_s=round(generation_s, 2),
+        generated_tokens_per_s=round(sum(len(t) for t in new_tokens) / generation_s, 1),
+        samples=[{"line": e.line, "prompt": tokenizer.decode(e.prompt), "generated": t, "label": e.label}
+                 for e, t in list(zip(heldout, texts))[:5]],
     )
     png = confusion_png(report)
     predictions = "".join(
         json.dumps({"line": e.line, "label": e.label, "generated": text, "predicted": p, "loss": round(loss, 5)},
                    sort_keys=True) + "\n"
         for e, text, p, loss in zip(heldout, texts, predicted, losses))
-    publish(build_dir, {"eval.json": _json_bytes(report), "confusion.png": png,
-                        "eval.md": render_eval_md(config, report, png is not None).encode(),
-                        "predictions.jsonl": predictions.encode()})
+    publish(build_dir, {EVAL_JSON: dumps(report).encode(), CONFUSION_PNG: png,
+                        EVAL_MD: render_eval_md(config, report, png is not None).encode(),
+                        PREDICTIONS_FILE: predictions.encode()})
     return report
-
-
-EVAL_FILES = ("eval.json", "eval.md", "predictions.jsonl", "confusion.png")
-EVAL_SWAP = "eval"  # runtime.checkpoint.replace_files staging: <build>/.swap-eval-<pid>/
 
 
 def publish(build_dir: Path, outputs: dict[str, bytes | None]) -> None:
     """Replace the eval outputs in the build directory as one set: a reader never finds
     eval.json of one eval beside predictions.jsonl of another, even when the eval is killed while
-    writing them (see runtime.checkpoint.replace_files). Outputs of an earlier eval that this one
+    writing them (see runtime.contract.files.replace_files). Outputs of an earlier eval that this one
     does not produce are removed with it. A swap an earlier eval left half done is undone first."""
     files = {name: outputs.get(name) for name in EVAL_FILES}
     with folder_lock(build_dir):
@@ -289,22 +285,22 @@ def publish(build_dir: Path, outputs: dict[str, bytes | None]) -> None:
         replace_files(build_dir, EVAL_SWAP, files)
 
 
-def _json_bytes(report: dict) -> bytes:
-    return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
-
-
-def confusion_png(report: dict) -> bytes | None:
-    """The confusion matrix as a PNG (gold rows, predicted columns, counts in the cells)."""
+def confusion_png(report: EvalReport | Mapping[str, Any]) -> bytes | None:
+    """The confusion matrix as a PNG (gold rows, predicted columns, counts in the cells), from the
+    report or its JSON data (eval.json)."""
     import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    gold = list(report["confusion"])
+    if not isinstance(report, EvalReport):
+        report = EvalReport.model_validate(report)
+    confusion = report.confusion
+    gold = list(confusion)
     if not gold:
         return None
-    columns = list(report["confusion"][gold[0]])
-    counts = [[report["confusion"][g][c] for c in columns] for g in gold]
+    columns = list(confusion[gold[0]])
+    counts = [[confusion[g][c] for c in columns] for g in gold]
     figure = Figure(figsize=(1.2 * len(columns) + 2, 1.0 * len(gold) + 1.5), dpi=100)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
@@ -317,54 +313,53 @@ def confusion_png(report: dict) -> bytes | None:
     for i, row in enumerate(counts):
         for j, n in enumerate(row):
             ax.text(j, i, str(n), ha="center", va="center", color="white" if n > top / 2 else "black")
-    ax.set_title(f"accuracy {report['accuracy']:.1%} on {report['n']}")
+    ax.set_title(f"accuracy {report.accuracy:.1%} on {report.n}")
     figure.tight_layout()
     png = io.BytesIO()
     figure.savefig(png, format="png", metadata={"Software": None})
     return png.getvalue()
 
 
-def render_eval_md(config: RuntimeConfig, report: dict, with_plot: bool) -> str:
-    labels = list(report["per_class"])
+def render_eval_md(config: RuntimeConfig, report: EvalReport, with_plot: bool) -> str:
+    labels = list(report.per_class)
     lines = [
         f"# Eval: {config.name}",
         "",
-        f"{report['n']} held-out examples; labels extracted by `{report['extract']}`.",
+        f"{report.n} held-out examples; labels extracted by `{report.extract}`.",
         "",
         "| | accuracy |",
         "|---|---:|",
-        f"| trained model | {report['accuracy']:.1%} |",
-        f"| majority class (`{report['majority_class']}`) | {report['majority_baseline']:.1%} |",
-        f"| untrained (the weights training started from) | {report['untrained_accuracy']:.1%} |",
+        f"| trained model | {report.accuracy:.1%} |",
+        f"| majority class (`{report.majority_class}`) | {report.majority_baseline:.1%} |",
+        f"| untrained (the weights training started from) | {report.untrained_accuracy:.1%} |",
         "",
-        f"Macro-F1 {report['macro_f1']:.3f}; {report['invalid_predictions']} predictions outside the label set; "
-        f"completion loss {report['loss']:.4f} (perplexity {report['perplexity']:.2f}).",
+        f"Macro-F1 {report.macro_f1:.3f}; {report.invalid_predictions} predictions outside the label set; "
+        f"completion loss {report.loss:.4f} (perplexity {report.perplexity:.2f}).",
         "",
         "| label | support | predicted | precision | recall | F1 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label in labels:
-        c = report["per_class"][label]
-        lines.append(f"| {label} | {c['support']} | {c['predicted']} | {c['precision']:.3f} | {c['recall']:.3f} | "
-                     f"{c['f1']:.3f} |")
-    columns = list(report["confusion"][labels[0]]) if labels else []
+        c = report.per_class[label]
+        lines.append(f"| {label} | {c.support} | {c.predicted} | {c.precision:.3f} | {c.recall:.3f} | {c.f1:.3f} |")
+    columns = list(report.confusion[labels[0]]) if labels else []
     lines += ["", "Confusion (rows: label, columns: predicted):", "",
               "| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label in labels:
-        lines.append(f"| {label} | " + " | ".join(str(report["confusion"][label][c]) for c in columns) + " |")
+        lines.append(f"| {label} | " + " | ".join(str(report.confusion[label][c]) for c in columns) + " |")
     if with_plot:
         lines += ["", "![confusion](confusion.png)"]
     return "\n".join(lines) + "\n"
 
 
-def render_language_model_md(config: RuntimeConfig, report: dict) -> str:
+def render_language_model_md(config: RuntimeConfig, report: EvalReport) -> str:
     lines = [f"# Eval: {config.name}", "",
-             f"{report['n']} held-out examples, {report['supervised_tokens']} supervised tokens: loss "
-             f"{report['loss']:.4f}, perplexity {report['perplexity']:.2f}.", ""]
-    for sample in report["samples"]:
-        lines += [f"## Held-out line {sample['line']}", "", "Prompt:", "", "```", sample["prompt"].rstrip(), "```", "",
-                  "Reference:", "", "```", sample["reference"].rstrip(), "```", "", "Generated:", "", "```",
-                  sample["generated"].rstrip(), "```", ""]
+             f"{report.n} held-out examples, {report.supervised_tokens} supervised tokens: loss "
+             f"{report.loss:.4f}, perplexity {report.perplexity:.2f}.", ""]
+    for sample in report.samples:
+        lines += [f"## Held-out line {sample.line}", "", "Prompt:", "", "```", sample.prompt.rstrip(), "```", "",
+                  "Reference:", "", "```", (sample.reference or "").rstrip(), "```", "", "Generated:", "", "```",
+                  sample.generated.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -385,13 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: could not write the eval outputs into {args.build_dir}: {problem}; the previous ones are "
               "unchanged; free some space and run `recipe eval` again", file=sys.stderr)
         return 1
-    if "accuracy" not in report:
-        print(f"eval: held-out loss {report['loss']:.4f}, perplexity {report['perplexity']:.2f}", file=sys.stderr)
+    if report.accuracy is None:
+        print(f"eval: held-out loss {report.loss:.4f}, perplexity {report.perplexity:.2f}", file=sys.stderr)
         return 0
     print(
-        f"eval: accuracy {report['accuracy']:.4f} (majority baseline {report['majority_baseline']:.4f}, "
-        f"untrained {report['untrained_accuracy']:.4f}), "
-        f"macro-F1 {report['macro_f1']:.4f}, completion loss {report['loss']:.4f}",
+        f"eval: accuracy {report.accuracy:.4f} (majority baseline {report.majority_baseline:.4f}, "
+        f"untrained {report.untrained_accuracy:.4f}), "
+        f"macro-F1 {report.macro_f1:.4f}, completion loss {report.loss:.4f}",
         file=sys.stderr,
     )
     return 0

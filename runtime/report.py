@@ -1,8 +1,9 @@
 """The run report: what the plan predicted beside what the run measured.
 
 Reads a trained build directory (`plan.json`, `train_report.json`, `metrics.jsonl` and, when
-present, `eval.json`) and writes `run_report.json`, `run_report.md` rendered from it, and
-`loss.png`. `python -m runtime.report BUILD_DIR` regenerates them.
+present, `eval.json`, each through its model in runtime.contract.artifacts) and writes
+`run_report.json`, `run_report.md` rendered from it, and `loss.png`.
+`python -m runtime.report BUILD_DIR` regenerates them.
 
 Per stage, each quantity is `{"planned", "actual", "ratio"}` with ratio = actual / planned:
 
@@ -17,34 +18,33 @@ Per stage, each quantity is `{"planned", "actual", "ratio"}` with ratio = actual
   against what the runtime did and built.
 
 Loss (first, final, lowest logged) and the compile-time truncation counts sit beside them; they
-have no prediction. Missing files or keys give `None`, never an error, so older builds report too.
+have no prediction. Missing files or fields give `None`, never an error, so older builds report
+too; a file of another format version, or one that is not valid JSON, is an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
+from runtime.contract.artifacts import (
+    PLAN_FORMAT_VERSION, RUN_REPORT_FORMAT_VERSION, Comparison, EvalReport, HeldoutBeforeAfter, HeldoutMetrics,
+    IncompatibleArtifactError, LossSummary, MemoryComparison, MetricsRecord, Plan, PlanStage, RunEval, RunReport,
+    RunStage, RunTotals, StageReport, TrainReport, Truncation, check_version, dumps, read_eval_report, read_metrics,
+    read_plan, read_run_report, read_train_report, to_data,
+)
 from runtime.contract.files import write_atomic
-
-RUN_REPORT_FORMAT_VERSION = 1
-PLAN_FILE = "plan.json"
-RUNTIME_CONFIG_FILE = "runtime.json"  # as runtime.contract.config names it; read here only to recognise a build
-TRAIN_REPORT_FILE = "train_report.json"
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.json"
-JSON_FILE = "run_report.json"
-MARKDOWN_FILE = "run_report.md"
-LOSS_PNG = "loss.png"
+from runtime.contract.layout import (
+    EVAL_JSON, LOSS_PNG, METRICS_FILE, PLAN_JSON, RUN_REPORT_JSON, RUN_REPORT_MD, RUNTIME_CONFIG_FILE,
+    TRAIN_REPORT_FILE,
+)
 
 # Fewer logged points than this are drawn as they are: smoothing a handful of points hides them.
 _MIN_POINTS_TO_SMOOTH = 8
-_EVAL_KEYS = ("accuracy", "majority_baseline", "macro_f1", "n", "loss", "perplexity")
 _MEMORY_BASIS = {
     "cuda_allocated": "Peak memory is what torch allocated on one GPU (torch.cuda.max_memory_allocated); "
     "the CUDA context the plan counts under overhead is not in it",
@@ -62,205 +62,186 @@ class RunReportError(Exception):
 # Reading the build directory
 
 
-def read_metrics(metrics_path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Logged records per stage, stages in the order they first appear, records by step.
-
-    A step logged twice (a resumed run logs again from its checkpoint) keeps the later record.
-    Lines that are not JSON objects with a stage, an integer step and a finite loss are skipped
-    (a run killed mid-write leaves a partial last line).
-    """
-    by_stage: dict[str, dict[int, dict[str, Any]]] = {}
-    if not metrics_path.is_file():
-        return {}
-    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
-        stage, step, loss = record.get("stage"), record.get("step"), _number(record.get("loss"))
-        if not isinstance(stage, str) or not isinstance(step, int) or isinstance(step, bool) or loss is None:
-            continue
-        by_stage.setdefault(stage, {})[step] = record
-    return {stage: [records[s] for s in sorted(records)] for stage, records in by_stage.items()}
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RunReportError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise RunReportError(f"{path} does not hold a JSON object")
-    return data
-
-
 def _check_build_dir(build_dir: Path) -> None:
-    if not ((build_dir / PLAN_FILE).is_file() or (build_dir / RUNTIME_CONFIG_FILE).is_file()):
+    if not ((build_dir / PLAN_JSON).is_file() or (build_dir / RUNTIME_CONFIG_FILE).is_file()):
         raise RunReportError(
-            f"{build_dir} is not a build directory (no {PLAN_FILE} or {RUNTIME_CONFIG_FILE}; "
+            f"{build_dir} is not a build directory (no {PLAN_JSON} or {RUNTIME_CONFIG_FILE}; "
             f"run `recipe compile RECIPE --out {build_dir}` first)"
         )
 
 
-def _number(value: Any) -> float | int | None:
-    """A finite number, or None (also for booleans, which JSON readers would take for 0 / 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _read_if_present(path: Path, read):
+    """The file through its reader, None when it is absent; RunReportError when it is unreadable."""
+    if not path.is_file():
         return None
-    return value if math.isfinite(value) else None
-
-
-def _get(data: Any, *keys: str) -> Any:
-    """data[k1][k2]..., or None where a level is missing or not an object."""
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
-
-
-def _objects(value: Any) -> list[dict[str, Any]]:
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+    try:
+        return read(path)
+    except IncompatibleArtifactError as exc:
+        raise RunReportError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------
 # The report as data
 
 
-def _compare(planned: Any, actual: Any, digits: int | None = None) -> dict[str, Any]:
+def _compare(planned: float | None, actual: float | None, digits: int | None = None) -> Comparison:
     """Planned and actual (rounded to `digits` when given: derived values) and actual / planned to
     4 significant digits, computed before rounding."""
-    planned, actual = _number(planned), _number(actual)
     ratio = float(f"{actual / planned:.4g}") if planned and actual is not None else None
     if digits is not None:
         planned = round(planned, digits) if planned is not None else None
         actual = round(actual, digits) if actual is not None else None
-    return {"planned": planned, "actual": actual, "ratio": ratio}
+    return Comparison(planned=planned, actual=actual, ratio=ratio)
 
 
-def _peak_actual(device: str | None, report: dict[str, Any], records: list[dict[str, Any]]) -> tuple[Any, str | None]:
+def _peak_actual(device: str | None, report: StageReport | None,
+                 records: list[MetricsRecord]) -> tuple[float | None, str | None]:
     """The measured peak and its basis; from train_report, else the largest value logged."""
     key, basis = ("peak_memory_gib", "cuda_allocated") if device == "cuda" else ("peak_rss_gib", "process_rss")
-    value = _number(report.get(key))
+    value = getattr(report, key) if report is not None else None
     if value is None:
-        logged = [v for v in (_number(r.get(key)) for r in records) if v is not None]
+        logged = [v for v in (getattr(r, key) for r in records) if v is not None]
         value = max(logged) if logged else None
     return value, basis if value is not None else None
 
 
-def _loss(report: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
-    losses = [(r["step"], r["loss"]) for r in records]
-    first = _number(report.get("first_loss"))
-    final = _number(report.get("final_loss"))
-    return {
-        "first": first if first is not None else (losses[0][1] if losses else None),
-        "final": final if final is not None else (losses[-1][1] if losses else None),
-        "lowest_logged": min(loss for _, loss in losses) if losses else None,
-        "first_logged_step": losses[0][0] if losses else None,
-        "last_logged_step": losses[-1][0] if losses else None,
-        "logged_steps": len(losses),
-    }
+def _loss(report: StageReport | None, records: list[MetricsRecord]) -> LossSummary:
+    losses = [(r.step, r.loss) for r in records]
+    first = _finite(report.first_loss) if report is not None else None
+    final = _finite(report.final_loss) if report is not None else None
+    return LossSummary(
+        first=first if first is not None else (losses[0][1] if losses else None),
+        final=final if final is not None else (losses[-1][1] if losses else None),
+        lowest_logged=min(loss for _, loss in losses) if losses else None,
+        first_logged_step=losses[0][0] if losses else None,
+        last_logged_step=losses[-1][0] if losses else None,
+        logged_steps=len(losses),
+    )
 
 
-def _truncation(plan_stage: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any] | None:
-    tokens = plan_stage.get("tokens")
-    if not isinstance(tokens, dict):
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _truncation(plan_stage: PlanStage | None, plan: Plan) -> Truncation | None:
+    tokens = plan_stage.tokens if plan_stage is not None else None
+    if tokens is None:
         return None
-    train, heldout = _number(tokens.get("train_examples")), _number(tokens.get("eval_examples"))
-    budget = _get(plan, "data", plan_stage.get("data"), "tokens") if isinstance(plan_stage.get("data"), str) else None
-    return {
+    train, heldout = tokens.train_examples, tokens.eval_examples
+    data = plan.data.get(plan_stage.data) if plan_stage.data is not None else None
+    budget = data.tokens if data is not None else None
+    return Truncation(
         # Counted over the whole data set (train and held-out) when the compiler applied the budget.
-        "examples": train + heldout if train is not None and heldout is not None else None,
-        "n_positions": _number(tokens.get("n_positions")),
-        "truncated_examples": _number(tokens.get("truncated_examples")),
-        "label_truncated_examples": _number(tokens.get("label_truncated_examples")),
-        "dropped_examples": _number(tokens.get("dropped_examples")),
-        "tokens_removed": _number(_get(budget, "tokens_removed")),
-    }
+        examples=train + heldout if train is not None and heldout is not None else None,
+        n_positions=tokens.n_positions,
+        truncated_examples=tokens.truncated_examples,
+        label_truncated_examples=tokens.label_truncated_examples,
+        dropped_examples=tokens.dropped_examples,
+        tokens_removed=budget.tokens_removed if budget is not None else None,
+    )
 
 
-def _stage_entry(name: str, plan_stage: dict[str, Any], report: dict[str, Any], records: list[dict[str, Any]],
-                 device: str | None, plan: dict[str, Any]) -> dict[str, Any]:
-    planned_wall = _number(_get(plan_stage, "compute", "wall_s"))
-    planned_tokens = _number(plan_stage.get("train_tokens"))
+def _stage_entry(name: str, plan_stage: PlanStage | None, report: StageReport | None, records: list[MetricsRecord],
+                 device: str | None, plan: Plan) -> RunStage:
+    planned_wall = plan_stage.compute.wall_s if plan_stage is not None and plan_stage.compute else None
+    planned_tokens = plan_stage.train_tokens if plan_stage is not None else None
     planned_rate = planned_tokens / planned_wall if planned_tokens is not None and planned_wall else None
-    actual_rate = _number(report.get("tokens_per_s"))
-    if actual_rate is None and _number(report.get("tokens")) is not None and _number(report.get("wall_s")):
-        actual_rate = report["tokens"] / report["wall_s"]
+    actual_rate = report.tokens_per_s if report is not None else None
+    if actual_rate is None and report is not None and report.tokens is not None and report.wall_s:
+        actual_rate = report.tokens / report.wall_s
     peak, basis = _peak_actual(device, report, records)
-    start_step = _number(report.get("start_step"))
-    return {
-        "stage": name,
-        "kind": plan_stage.get("kind", report.get("kind")),
-        "adapter": plan_stage.get("adapter", report.get("adapter")),
-        "ran": bool(report),
-        "start_step": int(start_step) if start_step is not None else (0 if report else None),
-        "peak_memory_gib": {**_compare(_get(plan_stage, "memory", "peak_gib"), peak), "measured": basis},
-        "wall_s": _compare(planned_wall, report.get("wall_s")),
-        "tokens_per_s": _compare(planned_rate, actual_rate, 1),
-        "steps": _compare(plan_stage.get("steps"), report.get("steps")),
-        "tokens": _compare(planned_tokens, report.get("tokens")),
-        "train_examples": _compare(_get(plan_stage, "tokens", "train_examples"), report.get("examples")),
-        "params_total": _compare(_get(plan_stage, "params", "total"), report.get("params_total")),
-        "params_trainable": _compare(_get(plan_stage, "params", "trainable"), report.get("params_trainable")),
-        "loss": _loss(report, records),
-        "truncation": _truncation(plan_stage, plan),
-        "heldout": report.get("heldout"),
-    }
+    params = plan_stage.params if plan_stage is not None else None
+    planned_peak = plan_stage.memory.peak_gib if plan_stage is not None and plan_stage.memory else None
+    kind = plan_stage.kind if plan_stage is not None and plan_stage.kind is not None else None
+    adapter = plan_stage.adapter if plan_stage is not None and plan_stage.adapter is not None else None
+    return RunStage(
+        stage=name,
+        kind=kind if kind is not None else (report.kind if report is not None else None),
+        adapter=adapter if adapter is not None else (report.adapter if report is not None else None),
+        ran=report is not None,
+        start_step=report.start_step if report is not None and report.start_step is not None
+        else (0 if report is not None else None),
+        peak_memory_gib=MemoryComparison(**_compare(planned_peak, peak).model_dump(), measured=basis),
+        wall_s=_compare(planned_wall, report.wall_s if report is not None else None),
+        tokens_per_s=_compare(planned_rate, actual_rate, 1),
+        steps=_compare(plan_stage.steps if plan_stage is not None else None,
+                       report.steps if report is not None else None),
+        tokens=_compare(planned_tokens, report.tokens if report is not None else None),
+        train_examples=_compare(plan_stage.tokens.train_examples if plan_stage is not None and plan_stage.tokens
+                                else None, report.examples if report is not None else None),
+        params_total=_compare(params.total if params is not None else None,
+                              report.params_total if report is not None else None),
+        params_trainable=_compare(params.trainable if params is not None else None,
+                                  report.params_trainable if report is not None else None),
+        loss=_loss(report, records),
+        truncation=_truncation(plan_stage, plan),
+        heldout=report.heldout if report is not None else None,
+    )
 
 
-def _totals(plan: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, Any]:
-    ran = [s for s in stages if s["ran"]]
+def _totals(plan: Plan, stages: list[RunStage]) -> RunTotals:
+    ran = [s for s in stages if s.ran]
 
     def actual_sum(key: str) -> float | None:
-        values = [s[key]["actual"] for s in ran]
+        values = [getattr(s, key).actual for s in ran]
         return sum(values) if values and None not in values else None
 
     wall, tokens = actual_sum("wall_s"), actual_sum("tokens")
-    planned_wall = _number(_get(plan, "totals", "wall_s"))
-    planned_tokens = _number(_get(plan, "totals", "train_tokens"))
-    peaks = [s["peak_memory_gib"]["actual"] for s in ran if s["peak_memory_gib"]["actual"] is not None]
-    return {
-        "wall_s": _compare(planned_wall, wall, 2),
-        "tokens": _compare(planned_tokens, tokens),
-        "tokens_per_s": _compare(planned_tokens / planned_wall if planned_tokens is not None and planned_wall else None,
-                                 tokens / wall if tokens is not None and wall else None, 1),
-        "peak_memory_gib": _compare(_get(plan, "totals", "peak_gib"), max(peaks) if peaks else None),
-    }
+    totals = plan.totals
+    planned_wall = totals.wall_s if totals is not None else None
+    planned_tokens = totals.train_tokens if totals is not None else None
+    peaks = [s.peak_memory_gib.actual for s in ran if s.peak_memory_gib.actual is not None]
+    return RunTotals(
+        wall_s=_compare(planned_wall, wall, 2),
+        tokens=_compare(planned_tokens, tokens),
+        tokens_per_s=_compare(planned_tokens / planned_wall if planned_tokens is not None and planned_wall else None,
+                              tokens / wall if tokens is not None and wall else None, 1),
+        peak_memory_gib=_compare(totals.peak_gib if totals is not None else None, max(peaks) if peaks else None),
+    )
+
+
+def run_report(build_dir: Path) -> RunReport:
+    """The plan's predictions beside what the run measured, per stage and in total (see the module
+    docstring for each quantity). Raises RunReportError when `build_dir` is not a build directory
+    or one of its files cannot be read."""
+    build_dir = Path(build_dir)
+    _check_build_dir(build_dir)
+    plan = _read_if_present(build_dir / PLAN_JSON, read_plan) or Plan(format_version=PLAN_FORMAT_VERSION)
+    train = _read_if_present(build_dir / TRAIN_REPORT_FILE, read_train_report) or TrainReport()
+    evaluation: EvalReport | None = _read_if_present(build_dir / EVAL_JSON, read_eval_report)
+    try:
+        metrics = read_metrics(build_dir / METRICS_FILE)
+    except IncompatibleArtifactError as exc:
+        raise RunReportError(str(exc)) from exc
+    device = train.device if train.device is not None else (plan.hardware.device if plan.hardware else None)
+    plan_stages = {s.name: s for s in plan.stages}
+    ran = {s.stage: s for s in train.stages}
+    names = list(dict.fromkeys([*plan_stages, *ran, *metrics]))  # plan order, then anything else that ran
+    stages = [_stage_entry(n, plan_stages.get(n), ran.get(n), metrics.get(n, []), device, plan) for n in names]
+    world = train.world_size
+    if world is None and plan.hardware is not None:
+        nodes, procs = plan.hardware.nodes, plan.hardware.nproc_per_node
+        world = nodes * procs if nodes is not None and procs is not None else None
+    precision = train.precision if "precision" in train.model_fields_set else (
+        plan.hardware.precision if plan.hardware else None)
+    eval_keys = set(RunEval.model_fields) & (evaluation.model_fields_set if evaluation is not None else set())
+    return RunReport(
+        format_version=RUN_REPORT_FORMAT_VERSION,
+        name=plan.name if plan.name is not None else build_dir.absolute().name,
+        plan_summary=plan.summary,
+        device=device,
+        precision=precision,
+        world_size=world,
+        stages=stages,
+        totals=_totals(plan, stages),
+        eval=RunEval(**{k: getattr(evaluation, k) for k in sorted(eval_keys)})
+        if evaluation is not None and evaluation.model_fields_set else None,
+    )
 
 
 def build_run_report(build_dir: Path) -> dict[str, Any]:
-    """The plan's predictions beside what the run measured, per stage and in total (see the module
-    docstring for each quantity). Raises RunReportError when `build_dir` is not a build directory."""
-    build_dir = Path(build_dir)
-    _check_build_dir(build_dir)
-    plan = _read_json(build_dir / PLAN_FILE) or {}
-    train = _read_json(build_dir / TRAIN_REPORT_FILE) or {}
-    evaluation = _read_json(build_dir / EVAL_FILE)
-    metrics = read_metrics(build_dir / METRICS_FILE)
-    device = train.get("device") if isinstance(train.get("device"), str) else _get(plan, "hardware", "device")
-    plan_stages = {s["name"]: s for s in _objects(plan.get("stages")) if isinstance(s.get("name"), str)}
-    ran = {s["stage"]: s for s in _objects(train.get("stages")) if isinstance(s.get("stage"), str)}
-    names = list(dict.fromkeys([*plan_stages, *ran, *metrics]))  # plan order, then anything else that ran
-    stages = [_stage_entry(n, plan_stages.get(n, {}), ran.get(n, {}), metrics.get(n, []), device, plan) for n in names]
-    world = _number(train.get("world_size"))
-    if world is None:
-        nodes, procs = _number(_get(plan, "hardware", "nodes")), _number(_get(plan, "hardware", "nproc_per_node"))
-        world = nodes * procs if nodes is not None and procs is not None else None
-    return {
-        "format_version": RUN_REPORT_FORMAT_VERSION,
-        "name": plan.get("name") if isinstance(plan.get("name"), str) else build_dir.absolute().name,
-        "plan_summary": plan.get("summary"),
-        "device": device,
-        "precision": train.get("precision", _get(plan, "hardware", "precision")),
-        "world_size": world,
-        "stages": stages,
-        "totals": _totals(plan, stages),
-        "eval": {k: evaluation[k] for k in _EVAL_KEYS if k in evaluation} if evaluation else None,
-    }
+    """`run_report(build_dir)` as the JSON data run_report.json holds."""
+    return to_data(run_report(build_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,8 +276,8 @@ def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
     ax = fig.add_subplot()
     offset = 0
     for i, (stage, records) in enumerate(metrics.items()):
-        steps = [offset + r["step"] for r in records]
-        losses = [float(r["loss"]) for r in records]
+        steps = [offset + r.step for r in records]
+        losses = [float(r.loss) for r in records]
         color = f"C{i % 10}"
         if len(losses) >= _MIN_POINTS_TO_SMOOTH:
             ax.plot(steps, losses, color=color, alpha=0.35, linewidth=0.8, marker="o", markersize=2.5)
@@ -331,118 +312,122 @@ def _fmt_ratio(ratio: float | None) -> str:
     return f"{ratio:.2f}" if 0.1 <= ratio < 100 else f"{ratio:.3g}"
 
 
-def _stage_markdown(stage: dict[str, Any]) -> Iterable[str]:
-    yield f"## Stage `{stage['stage']}` ({stage['kind'] or '?'}, adapter {stage['adapter'] or '?'})"
+def _stage_markdown(stage: RunStage) -> Iterable[str]:
+    yield f"## Stage `{stage.stage}` ({stage.kind or '?'}, adapter {stage.adapter or '?'})"
     yield ""
-    if not stage["ran"]:
+    if not stage.ran:
         yield "Not in train_report.json: the stage has not run (or the run stopped before its end)."
         yield ""
-    memory = stage["peak_memory_gib"]
+    memory = stage.peak_memory_gib
     memory_label = {"process_rss": "peak memory, GiB (process RSS)",
-                    "cuda_allocated": "peak memory, GiB (CUDA allocated)"}.get(memory["measured"], "peak memory, GiB")
+                    "cuda_allocated": "peak memory, GiB (CUDA allocated)"}.get(memory.measured, "peak memory, GiB")
     rows = [
         (memory_label, memory, ".3f"),
-        ("tokens/s", stage["tokens_per_s"], ",.1f"),
-        ("wall time, s", stage["wall_s"], ",.1f"),
-        ("steps", stage["steps"], ","),
-        ("tokens", stage["tokens"], ","),
-        ("training examples", stage["train_examples"], ","),
-        ("parameters", stage["params_total"], ","),
-        ("trainable parameters", stage["params_trainable"], ","),
+        ("tokens/s", stage.tokens_per_s, ",.1f"),
+        ("wall time, s", stage.wall_s, ",.1f"),
+        ("steps", stage.steps, ","),
+        ("tokens", stage.tokens, ","),
+        ("training examples", stage.train_examples, ","),
+        ("parameters", stage.params_total, ","),
+        ("trainable parameters", stage.params_trainable, ","),
     ]
     yield "| quantity | planned | actual | actual/planned |"
     yield "|---|---:|---:|---:|"
     for label, entry, spec in rows:
-        planned, actual, ratio = _fmt(entry["planned"], spec), _fmt(entry["actual"], spec), _fmt_ratio(entry["ratio"])
+        planned, actual, ratio = _fmt(entry.planned, spec), _fmt(entry.actual, spec), _fmt_ratio(entry.ratio)
         yield f"| {label} | {planned} | {actual} | {ratio} |"
     yield ""
     notes = []
-    loss = stage["loss"]
-    if loss["first"] is not None:
-        notes.append(f"Loss {loss['first']:.4f} -> {_fmt(loss['final'], '.4f')} (lowest logged "
-                     f"{_fmt(loss['lowest_logged'], '.4f')}; {loss['logged_steps']} logged steps).")
-    if stage["start_step"]:
-        notes.append(f"Resumed from a checkpoint at step {stage['start_step']}.")
-    note = _heldout_note(stage.get("heldout"))
+    loss = stage.loss
+    if loss.first is not None:
+        notes.append(f"Loss {loss.first:.4f} -> {_fmt(loss.final, '.4f')} (lowest logged "
+                     f"{_fmt(loss.lowest_logged, '.4f')}; {loss.logged_steps} logged steps).")
+    if stage.start_step:
+        notes.append(f"Resumed from a checkpoint at step {stage.start_step}.")
+    note = _heldout_note(stage.heldout)
     if note:
         notes.append(note)
-    t = stage["truncation"]
+    t = stage.truncation
     if t is not None:
-        of = f" of {t['examples']:,}" if t["examples"] is not None else ""
-        removed = f" ({t['tokens_removed']:,} tokens removed)" if t["tokens_removed"] is not None else ""
-        notes.append(f"Compile-time budget {_fmt(t['n_positions'], ',')} tokens: "
-                     f"{_fmt(t['truncated_examples'], ',')}{of} examples truncated{removed}, "
-                     f"{_fmt(t['label_truncated_examples'], ',')} lost supervised tokens, "
-                     f"{_fmt(t['dropped_examples'], ',')} dropped.")
+        of = f" of {t.examples:,}" if t.examples is not None else ""
+        removed = f" ({t.tokens_removed:,} tokens removed)" if t.tokens_removed is not None else ""
+        notes.append(f"Compile-time budget {_fmt(t.n_positions, ',')} tokens: "
+                     f"{_fmt(t.truncated_examples, ',')}{of} examples truncated{removed}, "
+                     f"{_fmt(t.label_truncated_examples, ',')} lost supervised tokens, "
+                     f"{_fmt(t.dropped_examples, ',')} dropped.")
     for note in notes:
         yield f"- {note}"
     if notes:
         yield ""
 
 
-def _heldout_note(heldout: Any) -> str | None:
+def _heldout_note(heldout: HeldoutBeforeAfter | HeldoutMetrics | None) -> str | None:
     """Reward and DPO held-out accuracy and margin, PPO's mean held-out reward, before -> after."""
-    if not isinstance(heldout, dict):
+    if heldout is None:
         return None
-    before, after = heldout.get("before"), heldout.get("after", heldout)
-    if not isinstance(after, dict):
+    before, after = (heldout.before, heldout.after) if isinstance(heldout, HeldoutBeforeAfter) else (None, heldout)
+    if after is None:
         return None
-    if "mean_reward" in after:
-        start = f"{_fmt(_get(before, 'mean_reward'), '.4f')} -> " if isinstance(before, dict) else ""
-        return (f"Held-out mean reward of sampled completions ({after.get('prompts')} prompts): "
-                f"{start}{_fmt(after['mean_reward'], '.4f')}.")
-    if "accuracy" in after:
-        start = f"{_fmt(_get(before, 'accuracy'), '.4f')} -> " if isinstance(before, dict) else ""
-        return (f"Held-out preference accuracy ({after.get('pairs')} pairs): {start}{_fmt(after['accuracy'], '.4f')}, "
-                f"mean margin {_fmt(after.get('mean_margin'), '.4f')}.")
+    if "mean_reward" in after.model_fields_set:
+        start = f"{_fmt(before.mean_reward, '.4f')} -> " if before is not None else ""
+        return (f"Held-out mean reward of sampled completions ({after.prompts} prompts): "
+                f"{start}{_fmt(after.mean_reward, '.4f')}.")
+    if "accuracy" in after.model_fields_set:
+        start = f"{_fmt(before.accuracy, '.4f')} -> " if before is not None else ""
+        return (f"Held-out preference accuracy ({after.pairs} pairs): {start}{_fmt(after.accuracy, '.4f')}, "
+                f"mean margin {_fmt(after.mean_margin, '.4f')}.")
     return None
 
 
-def _eval_markdown(evaluation: dict[str, Any]) -> str:
+def _eval_markdown(evaluation: RunEval) -> str:
     parts = []
-    accuracy, baseline = _number(evaluation.get("accuracy")), _number(evaluation.get("majority_baseline"))
+    accuracy, baseline = evaluation.accuracy, evaluation.majority_baseline
     if accuracy is not None:
-        n = _number(evaluation.get("n"))
+        n = evaluation.n
         text = f"accuracy {accuracy:.1%}" + (f" on {int(n):,} examples" if n is not None else "")
         if baseline is not None:
             text += f" (majority-class baseline {baseline:.1%}, {100 * (accuracy - baseline):+.1f} points)"
         parts.append(text)
     for key, label in (("macro_f1", "macro-F1"), ("loss", "completion loss"), ("perplexity", "perplexity")):
-        if _number(evaluation.get(key)) is not None:
-            parts.append(f"{label} {evaluation[key]:.4f}")
+        if getattr(evaluation, key) is not None:
+            parts.append(f"{label} {getattr(evaluation, key):.4f}")
     return "Held-out evaluation: " + ", ".join(parts) + "." if parts else ""
 
 
-def summary_line(report: dict[str, Any]) -> str:
-    """One line: the run's totals beside the plan's."""
-    totals = report["totals"]
-    n = sum(1 for s in report["stages"] if s["ran"])
+def summary_line(report: RunReport | Mapping[str, Any]) -> str:
+    """One line: the run's totals beside the plan's. `report` is a RunReport or its JSON data (the
+    contents of run_report.json), which is read through the model."""
+    if not isinstance(report, RunReport):
+        check_version(RUN_REPORT_JSON, dict(report), RUN_REPORT_FORMAT_VERSION, required=True)
+        report = RunReport.model_validate(report)
+    totals = report.totals
+    n = sum(1 for s in report.stages if s.ran)
     parts = [f"{n} stage{'s' * (n != 1)} run"]
-    wall, rate, peak = totals["wall_s"], totals["tokens_per_s"], totals["peak_memory_gib"]
-    if wall["actual"] is not None:
-        parts.append(f"{wall['actual']:,.1f} s (planned {_fmt(wall['planned'], ',.1f')} s)")
-    if rate["actual"] is not None:
-        parts.append(f"{rate['actual']:,.0f} tokens/s (planned {_fmt(rate['planned'], ',.0f')})")
-    if peak["actual"] is not None:
-        parts.append(f"peak {peak['actual']:.2f} GiB (planned {_fmt(peak['planned'], '.2f')})")
+    wall, rate, peak = totals.wall_s, totals.tokens_per_s, totals.peak_memory_gib
+    if wall.actual is not None:
+        parts.append(f"{wall.actual:,.1f} s (planned {_fmt(wall.planned, ',.1f')} s)")
+    if rate.actual is not None:
+        parts.append(f"{rate.actual:,.0f} tokens/s (planned {_fmt(rate.planned, ',.0f')})")
+    if peak.actual is not None:
+        parts.append(f"peak {peak.actual:.2f} GiB (planned {_fmt(peak.planned, '.2f')})")
     return "Run: " + ", ".join(parts)
 
 
-def render_markdown(report: dict[str, Any], *, loss_png: str | None) -> str:
+def render_markdown(report: RunReport, *, loss_png: str | None) -> str:
     """run_report.md is a pure function of run_report.json (and whether the loss plot exists)."""
-    lines = [f"# Run report: {report['name']}", ""]
-    if report["plan_summary"]:
-        lines += [f"{report['plan_summary']}", ""]
-    lines += [f"Ran on {report['device'] or '?'}, {report['precision'] or '?'}, "
-              f"{_fmt(report['world_size'], ',')} process(es).", ""]
-    for stage in report["stages"]:
+    lines = [f"# Run report: {report.name}", ""]
+    if report.plan_summary:
+        lines += [f"{report.plan_summary}", ""]
+    lines += [f"Ran on {report.device or '?'}, {report.precision or '?'}, "
+              f"{_fmt(report.world_size, ',')} process(es).", ""]
+    for stage in report.stages:
         lines += _stage_markdown(stage)
-    if report["eval"]:
-        line = _eval_markdown(report["eval"])
+    if report.eval:
+        line = _eval_markdown(report.eval)
         lines += [line, ""] if line else []
     if loss_png:
         lines += [f"![loss]({loss_png})", ""]
-    bases = list(dict.fromkeys(s["peak_memory_gib"]["measured"] for s in report["stages"]))
+    bases = list(dict.fromkeys(s.peak_memory_gib.measured for s in report.stages))
     for basis in bases:
         if basis:
             lines += [f"{_MEMORY_BASIS[basis]}.", ""]
@@ -460,10 +445,10 @@ def write_run_report(build_dir: Path) -> tuple[Path, Path]:
     """Write `loss.png` (when losses were logged), `run_report.json` and `run_report.md` into the
     build directory; returns the paths of the JSON and markdown reports."""
     build_dir = Path(build_dir)
-    report = build_run_report(build_dir)
+    report = run_report(build_dir)
     png = plot_loss(build_dir / METRICS_FILE, build_dir / LOSS_PNG)
-    json_path, md_path = build_dir / JSON_FILE, build_dir / MARKDOWN_FILE
-    write_atomic(json_path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    json_path, md_path = build_dir / RUN_REPORT_JSON, build_dir / RUN_REPORT_MD
+    write_atomic(json_path, dumps(report).encode())
     write_atomic(md_path, render_markdown(report, loss_png=png.name if png else None).encode())
     return json_path, md_path
 
@@ -480,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    report = json.loads(json_path.read_text(encoding="utf-8"))
+    report = read_run_report(json_path)
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
     print(summary_line(report))
     return 0

@@ -140,7 +140,7 @@ def test_language_model_eval_equals_an_independent_loss(chat_build: Path, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from runtime.contract.config import load_runtime_config
-    from runtime.data import read_training_rows
+    from runtime.core.data import read_training_rows
 
     recipe = json.loads((chat_build.parent / "recipe.json").read_text())
     recipe["name"] = "chat-eval"

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import checkpoint as ckpt
+from runtime.contract.layout import CHECKPOINT_DIR
+from runtime.core import checkpoint as ckpt
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 STEPS, SAVE_EVERY = 20, 5
@@ -40,7 +41,7 @@ def test_checkpoint_on_a_full_disk_fails_cleanly_and_resumes(tmp_path: Path) -> 
     del recipe["eval"]
     build = tmp_path / "build"
     assert run_cli("compile", str(write_json_recipe(tmp_path, recipe)), "--out", str(build)).returncode == 0
-    root = build / ckpt.CHECKPOINT_DIR
+    root = build / CHECKPOINT_DIR
 
     process = subprocess.Popen([sys.executable, "-m", "runtime.train", str(build)], cwd=REPO, text=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_ignore_sigxfsz,

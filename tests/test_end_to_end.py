@@ -141,3 +141,58 @@ def test_two_nodes_on_loopback_through_the_emitted_launch(tmp_path: Path) -> Non
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert (build / "model" / "config.json").is_file()
     assert json.loads((build / "eval.json").read_text())["n"] == 3
+
+
+def test_training_refuses_a_build_planned_for_other_processes_before_it_starts(tmp_path: Path) -> None:
+    """Compiled for 2 processes (7 rows, micro-batch 2: 4 batches, 2 steps per process), started
+    as one: the plan's 2 steps are not the 4 this run would take, so nothing trains."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = base_recipe(hardware={"device": "cpu", "nproc_per_node": 2},
+                         train={"epochs": 1, "micro_batch_size": 2, "learning_rate": 1e-3})
+    build = tmp_path / "build"
+    compiled = run_cli("compile", str(write_json_recipe(tmp_path, recipe)), "--out", str(build), cwd=tmp_path)
+    assert compiled.returncode == 0, compiled.stderr
+    assert json.loads((build / "plan.json").read_text())["stages"][0]["steps"] == 2
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    result = subprocess.run([sys.executable, "-m", "runtime.train", str(build)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert 'stage "sft": plan.json plans 2 steps, but 7 rows on 1 process(es) make 4' in errors[0]
+    assert not (build / "metrics.jsonl").exists() and not (build / "checkpoints").exists()
+    assert not (build / "model").exists()
+
+
+@pytest.mark.slow
+def test_three_processes_take_exactly_the_planned_steps(tmp_path: Path) -> None:
+    """10 training rows, micro-batch 1, 3 processes: 10 micro-batches, 3 per process (the tenth is
+    dropped so that every process takes as many steps), so 3 steps per epoch in the plan, and
+    the run takes exactly the plan's steps."""
+    source = tmp_path / "rows.tsv"
+    lines = (Path(__file__).resolve().parent / "data" / "tiny.tsv").read_text().splitlines()
+    extra = ["11\t1.2\tWhat a lovely morning", "12\t-1.8\tThe food was cold again", "13\t0.2\tThe shop opens at nine",
+             "14\t2.2\tThis made my whole week"]
+    source.write_text("\n".join(lines + extra) + "\n")
+    recipe = base_recipe(name="three", hardware={"device": "cpu", "nproc_per_node": 3},
+                         train={"epochs": 2, "micro_batch_size": 1, "learning_rate": 1e-3, "log_every_steps": 1})
+    recipe["data"]["tweets"]["source"] = {"path": str(source)}
+    build = tmp_path / "build"
+    compiled = run_cli("compile", str(write_json_recipe(tmp_path, recipe)), "--out", str(build), cwd=tmp_path)
+    assert compiled.returncode == 0, compiled.stderr
+    assert json.loads((build / "runtime.json").read_text())["data"]["tweets"]["n_train"] == 10
+    assert "--nproc_per_node=3" in (build / "launch.sh").read_text()
+    planned = json.loads((build / "plan.json").read_text())["stages"][0]["steps"]
+    assert planned == 2 * 3
+    ran = run_cli("run", str(build), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    metrics = _read_jsonl(build / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, planned + 1))
+    assert [m["epoch"] for m in metrics] == [0.333, 0.667, 1.0, 1.333, 1.667, 2.0]
+    report = json.loads((build / "train_report.json").read_text())
+    assert report["world_size"] == 3 and report["stages"][0]["steps"] == planned
+    run_report = json.loads((build / "run_report.json").read_text())
+    assert run_report["stages"][0]["steps"] == {"planned": planned, "actual": planned, "ratio": 1.0}

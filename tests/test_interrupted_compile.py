@@ -4,7 +4,7 @@ Run outputs beside the compiled files (checkpoints, stages, model, eval, the use
 are never touched.
 
 The compile kills itself at named points of the swap (RECIPE_CRASH_AT, see
-runtime.checkpoint.replace_files); a second test kills it from outside after varying delays.
+runtime.contract.files.replace_files); a second test kills it from outside after varying delays.
 """
 
 from __future__ import annotations

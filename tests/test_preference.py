@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.dpo import dpo_loss
-from runtime.ppo import gae, policy_loss, token_rewards, value_loss, whiten
-from runtime.reward import ordering_metrics, pairwise_loss
+from runtime.stages.dpo import dpo_loss
+from runtime.stages.ppo_math import gae, policy_loss, token_rewards, value_loss, whiten
+from runtime.stages.reward import ordering_metrics, pairwise_loss
 from tests.conftest import REPO, run_cli, write_json_recipe
 
 # ---------------------------------------------------------------------------------------------
@@ -110,10 +110,10 @@ def test_dpo_loss_equals_trl_on_the_same_model_and_batch(tmp_path: Path, loss_ty
     from trl import DPOConfig, DPOTrainer
 
     from compiler.data.assets import asset_path
-    from runtime.contract.assets import load_catalog
     from compiler.data.tokenizer_convert import tiktoken_to_tokenizer_json
-    from runtime.data import IGNORE_INDEX
-    from runtime.dpo import DpoLoss
+    from runtime.contract.assets import load_catalog
+    from runtime.core.data import IGNORE_INDEX
+    from runtime.stages.dpo import DpoLoss
 
     tokenizer_json = tmp_path / "tokenizer.json"
     ranks = asset_path(load_catalog()["gpt2-bpe"])

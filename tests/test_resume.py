@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from runtime import checkpoint as ckpt
+from runtime.contract.layout import CHECKPOINT_DIR
+from runtime.core import checkpoint as ckpt
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 SAVE_EVERY = 5
@@ -59,7 +60,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     build = _compile(tmp_path, "killed")
     process = subprocess.Popen([sys.executable, "-m", "runtime.train", str(build)], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    root = build / ckpt.CHECKPOINT_DIR
+    root = build / CHECKPOINT_DIR
     deadline = time.monotonic() + 120
     while not ckpt.complete_checkpoints(root) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
@@ -103,7 +104,7 @@ def test_damaged_checkpoint_is_skipped_with_a_message(tmp_path: Path) -> None:
     build = _compile(tmp_path, "damaged", max_steps=12, keep_checkpoints=3)
     first = _train(build)
     assert first.returncode == 0, first.stderr
-    found = ckpt.complete_checkpoints(build / ckpt.CHECKPOINT_DIR)
+    found = ckpt.complete_checkpoints(build / CHECKPOINT_DIR)
     assert [p.name for p in found] == ["00-sft-step0000005", "00-sft-step0000010"]
     newest = found[-1]
     # Cut the newest checkpoint's weights short, as a full disk or an interrupted copy would.

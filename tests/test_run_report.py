@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.report import RunReportError, build_run_report, main, plot_loss, read_metrics, write_run_report
+from runtime.contract.artifacts import read_metrics
+from runtime.report import RunReportError, build_run_report, main, plot_loss, write_run_report
 
 REPO = Path(__file__).resolve().parent.parent
 PLAN = Path(__file__).resolve().parent / "data" / "run_report" / "plan.json"
@@ -104,7 +105,7 @@ def test_each_quantity_is_planned_beside_actual_with_their_ratio(tmp_path: Path)
 def test_a_step_logged_twice_after_a_resume_keeps_the_later_record(tmp_path: Path) -> None:
     build = _build(tmp_path)
     polish = read_metrics(build / "metrics.jsonl")["polish"]
-    assert [(r["step"], r["loss"]) for r in polish] == [(2, 2.4), (4, 2.3), (5, 2.2), (6, 2.1), (8, 2.0), (10, 1.9)]
+    assert [(r.step, r.loss) for r in polish] == [(2, 2.4), (4, 2.3), (5, 2.2), (6, 2.1), (8, 2.0), (10, 1.9)]
 
     # Without first/final losses in the train report, they come from the deduplicated metrics.
     stripped = {"stages": [{k: s[k] for k in ("stage", "steps", "wall_s", "tokens", "tokens_per_s")}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime.contract.config import load_runtime_config
-from runtime.data import IGNORE_INDEX, TrainRow, collate_rows, read_training_rows
+from runtime.core.data import IGNORE_INDEX, TrainRow, collate_rows, read_training_rows
 from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 
@@ -196,7 +196,7 @@ def test_token_loss_with_a_prefix_equals_peft_forward() -> None:
     from peft import PrefixTuningConfig, TaskType, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from runtime.model import TokenLoss
+    from runtime.core.losses import TokenLoss
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

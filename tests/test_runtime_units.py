@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from runtime.contract.config import IncompatibleBuildError, ModelSpec, load_runtime_config
-from runtime.data import IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, length_grouped_batches
+from runtime.core.data import (
+    IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, length_grouped_batches,
+)
 from runtime.evaluate import classification_report, extract_label
-from runtime.model import TokenLoss, build_model
+from runtime.core.losses import TokenLoss
+from runtime.core.model import build_model
 
 
 def _examples() -> list[Encoded]:
@@ -123,3 +126,66 @@ def test_label_set_prediction_is_the_most_likely_label_sequence() -> None:
         expected.append(best)
     assert got == expected
     assert len(set(got)) > 1  # the case exercises more than one label
+
+
+def test_epoch_grouping_takes_the_contracts_step_count_on_every_rank() -> None:
+    """The runtime's batches of an epoch make exactly runtime.contract.steps.steps_per_epoch
+    optimizer steps on every process: the count the plan shows."""
+    from types import SimpleNamespace
+
+    from runtime.contract.steps import steps_per_epoch
+    from runtime.core.distributed import Dist
+    from runtime.core.loop import epoch_groups
+
+    checked = 0
+    for n_rows in (1, 2, 3, 7, 10, 31, 64, 101):
+        rows = [[0] * (1 + i % 5) for i in range(n_rows)]
+        for micro_batch in (1, 2, 3, 8):
+            for grad_accum in (1, 2, 3, 4):
+                for world in (1, 2, 3, 4, 8):
+                    stage = SimpleNamespace(micro_batch_size=micro_batch, grad_accum=grad_accum, length_grouping=True)
+                    expected = steps_per_epoch(n_rows, micro_batch, grad_accum, world)
+                    for rank in range(world):
+                        d = Dist(rank=rank, world=world, local_rank=0)
+                        groups = epoch_groups(rows, stage, seed=5, epoch=1, d=d)
+                        assert len(groups) == expected, (n_rows, micro_batch, grad_accum, world, rank)
+                        assert all(1 <= len(g) <= grad_accum for g in groups)
+                    checked += 1
+    assert checked == 8 * 4 * 4 * 5
+
+
+def test_importing_evaluate_loads_no_training_code() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, runtime.evaluate; "
+            "print(sorted(m for m in sys.modules if m == 'runtime.train' or m.startswith('runtime.stages')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_one_frozen_reference_rule_for_dpo_and_ppo() -> None:
+    """A lora or prefix adapter on the weights the reference names: the policy with its adapter
+    off (no model); otherwise a frozen copy."""
+    from runtime.contract.config import AdapterSpec, load_runtime_config
+    from runtime.core.reference import frozen_reference
+
+    config = load_runtime_config(Path(__file__).resolve().parent / "golden" / "tweet-sentiment")
+    torch.manual_seed(0)
+    spec = ModelSpec(init="scratch", family="gpt2", config={"model_type": "gpt2", "n_embd": 16, "n_layer": 1,
+                     "n_head": 2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}, weights=None,
+                     trust_remote_code=False, quantization="none", vocab_size=50, n_positions=16, eos_token_id=0,
+                     pad_token_id=0)
+    start = build_model(spec)
+    for kind in ("dpo", "ppo"):
+        for adapter in ("lora", "prefix"):
+            stage = config.stages[0].model_copy(update={"kind": kind, "start": "sft",
+                                                        "adapter": AdapterSpec(kind=adapter)})
+            assert frozen_reference(None, stage, start) is None
+        stage = config.stages[0].model_copy(update={"kind": kind, "start": "sft", "adapter": AdapterSpec(kind="full")})
+        reference = frozen_reference(None, stage, start)
+        assert reference is not start and not reference.training
+        assert not any(p.requires_grad for p in reference.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), start.parameters()))

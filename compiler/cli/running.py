@@ -60,7 +60,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from runtime.chat import ChatError, run
-    from runtime.model import ModelLoadError
+    from runtime.core.model import ModelLoadError
 
     build_dir = Path(args.build)
     if not (build_dir / RUNTIME_CONFIG_FILE).is_file():

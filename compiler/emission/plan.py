@@ -14,13 +14,12 @@ from compiler.estimation.params import Architecture, ParameterCount
 from compiler.loading.loader import LoadedRecipe, display_path
 from compiler.loading.overrides import Override
 from compiler.views.plan_md import summary_line
+from runtime.contract.artifacts import PLAN_FORMAT_VERSION
 from runtime.contract.config import RuntimeConfig
 
 if TYPE_CHECKING:
     from compiler.data.prepare import PreparedData
     from compiler.estimation.stages import StageEstimate
-
-PLAN_FORMAT_VERSION = 3
 
 
 def build_plan(

@@ -28,7 +28,13 @@ STAGES_DIR = "stages"
 STAGE_DONE_FILE = "done.json"
 CRITIC_DIR = "critic"  # a PPO stage's critic, beside its actor: stages/<name>/critic
 TEMPLATE_FILE = "recipe_template.json"  # the exact template a saved model was trained with
-TRAINABLE_FILE = "trainable.pt"
+# inside a checkpoint folder, checkpoints/<stage index>-<stage>-step<step>/
+TRAINABLE_FILE = "trainable.pt"  # the trainable parameters (the plain PyTorch backend)
+CHECKPOINT_STATE_FILE = "state.json"  # written last: where training stands, the other files' hashes
+OPTIMIZER_FILE = "optimizer.pt"
+DEEPSPEED_TAG = "deepspeed"  # the subfolder DeepSpeed writes its shards into
+CHECKPOINT_ACTOR_DIR = "actor"  # a PPO checkpoint: the actor's and the critic's state side by side
+CHECKPOINT_CRITIC_DIR = "critic"
 METRICS_FILE = "metrics.jsonl"
 TRAIN_REPORT_FILE = "train_report.json"
 RUN_REPORT_JSON = "run_report.json"
@@ -47,6 +53,11 @@ EVAL_SWAP = "eval"  # staging folder kind of an eval: <build>/.swap-eval-<pid>/
 def ds_config_file(stage_name: str, n_stages: int) -> str:
     """The DeepSpeed config of one stage: `ds_config.json` when the build has one stage."""
     return "ds_config.json" if n_stages == 1 else f"ds_config.{stage_name}.json"
+
+
+def rng_file(rank: int) -> str:
+    """One process's random-number state inside a checkpoint folder."""
+    return f"rng-rank{rank}.pt"
 
 
 def data_file(dataset: str, split: str) -> str:

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
-DS_TAG = "deepspeed"
+from runtime.contract.config import StageSpec
+from runtime.contract.layout import DEEPSPEED_TAG, ds_config_file
+from runtime.core.checkpoint import CheckpointError
+from runtime.core.optim import build_optimizer, build_scheduler
+from runtime.core.run import Run
 
 # torch 2.13 deprecates the collectives ZeRO calls on every step; the warning says nothing to a user.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.", category=FutureWarning)
@@ -33,24 +37,19 @@ def _import_deepspeed(device_type: str):
     return deepspeed
 
 
-def ds_config_path(build_dir: Path, stage_name: str, n_stages: int) -> Path:
-    return build_dir / ("ds_config.json" if n_stages == 1 else f"ds_config.{stage_name}.json")
-
-
 class DeepSpeedBackend:
-    def __init__(self, run, stage, model: torch.nn.Module, loss_module: torch.nn.Module, total_steps: int):
-        from runtime.train import _optimizer, _scheduler
-
+    def __init__(self, run: Run, stage: StageSpec, model: torch.nn.Module, loss_module: torch.nn.Module,
+                 total_steps: int):
         self.run, self.stage, self.model = run, stage, model
         deepspeed = _import_deepspeed(run.device.type)
         deepspeed.init_distributed(dist_backend="nccl" if run.device.type == "cuda" else "gloo")
-        config = json.loads(ds_config_path(run.build_dir, stage.name, len(run.config.stages)).read_text())
+        config = json.loads((run.build_dir / ds_config_file(stage.name, len(run.config.stages))).read_text())
         # Our own optimizer (AdamW, SGD or Adafactor from torch/transformers) runs where ZeRO puts
         # the state; DeepSpeed's fused CPU Adam would need a compiled op.
         config["zero_force_ds_cpu_optimizer"] = False
         config["steps_per_print"] = 10**9  # progress is ours
-        optimizer = _optimizer(model, stage)
-        scheduler = _scheduler(optimizer, stage, total_steps)
+        optimizer = build_optimizer(model, stage)
+        scheduler = build_scheduler(optimizer, stage, total_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=loss_module, optimizer=optimizer, lr_scheduler=scheduler, config=config,
         )
@@ -76,14 +75,12 @@ class DeepSpeedBackend:
 
     def save(self, folder: Path) -> None:
         """Collective: every rank writes its shard of parameters and optimizer state."""
-        self.engine.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
+        self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, save_latest=False)
 
     def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
-            from runtime.checkpoint import CheckpointError
-
             raise CheckpointError(f"{folder} holds no DeepSpeed checkpoint for this run")
 
     def trained_model(self) -> torch.nn.Module:

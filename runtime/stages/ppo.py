@@ -4,7 +4,8 @@ and the policy is updated to earn more reward without drifting far from a frozen
 Models (Ouyang et al. 2022; the ColossalChat / ChatLLaMA pipeline):
   actor      the policy being trained, starting from the stage's `from` (usually the SFT model)
   reference  frozen; the KL penalty keeps the actor near it. With a LoRA actor on the same weights
-             it is the actor with the adapter switched off, so it costs no memory
+             it is the actor with the adapter switched off, so it costs no memory (the rule DPO
+             follows too: runtime/core/reference.py)
   reward     the `reward_model` stage's output, frozen; scores a whole prompt + completion
   critic     estimates the value of every position; starts from `critic_from` (the reward model)
 
@@ -22,100 +23,36 @@ One step of this stage is one rollout batch:
 
 Tensors of a rollout are [batch, seq - 1]: column t holds what concerns the token at t + 1
 (its log-probability, the value before it is sampled, its reward); `mask` marks completion tokens.
+The arithmetic of steps 3 and 4 is runtime/stages/ppo_math.py; resuming, logging, checkpoints and
+the report are the shared pieces of runtime/core/loop.py.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from runtime import checkpoint as ckpt
+from runtime.contract.artifacts import StageReport
 from runtime.contract.config import StageSpec
-from runtime.data import IGNORE_INDEX, TrainRow, collate_rows, read_prompts, read_training_rows
-from runtime.model import TokenLoss, apply_adapter, count_parameters
-from runtime.objective import disable_dropout
-from runtime.reward import ScalarHead, is_scalar, scalar_model
+from runtime.contract.layout import CHECKPOINT_ACTOR_DIR, CHECKPOINT_CRITIC_DIR, CRITIC_DIR, stage_dir
+from runtime.core.backend import TorchBackend
+from runtime.core.data import IGNORE_INDEX, TrainRow, collate_rows, read_prompts, read_training_rows
+from runtime.core.loop import StageLog, checkpoint_if_due, resume, stage_report, stage_steps
+from runtime.core.losses import ScalarHead, TokenLoss
+from runtime.core.model import apply_adapter, count_parameters, is_scalar, scalar_model
+from runtime.core.objective import disable_dropout
+from runtime.core.outputs import write_tree
+from runtime.core.reference import as_reference, frozen_model, frozen_reference
+from runtime.core.run import Run
+from runtime.stages.ppo_math import gae, masked_mean, policy_loss, token_rewards, value_loss, whiten
 
 HELDOUT_PROMPTS = 64  # held-out prompts whose mean reward is reported before and after the stage
 HELDOUT_SEED = 1234  # sampling seed of that measurement, so before and after see the same draws
-
-
-# ---------------------------------------------------------------------------------------------
-# the arithmetic (each piece checked by hand in tests/test_ppo.py)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (std with Bessel's correction); zero elsewhere."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
-
-
-def token_rewards(logps: torch.Tensor, ref_logps: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-                  kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards (-kl_coef * KL estimate, plus the score on each row's last completion
-    token) and the per-token KL estimate log pi - log ref (zero outside the mask)."""
-    kl = (logps - ref_logps) * mask
-    rewards = -kl_coef * kl
-    last = _last_index(mask)
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards, kl
-
-
-def _last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Column of each row's last masked entry ([batch]); completions are contiguous."""
-    columns = torch.arange(mask.shape[1], device=mask.device)
-    return (columns * mask.long()).argmax(dim=1)
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016), right to left along each row:
-    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1}; the value after the
-    last completion token is 0. Returns (advantages, returns = advantages + values), zero off-mask."""
-    advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros_like(rewards[:, 0])
-    next_advantage = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        m = mask[:, t]
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = delta + gamma * lam * next_advantage
-        advantages[:, t] = advantage * m
-        # outside the completion, carry nothing leftwards into the prompt
-        next_value = values[:, t] * m
-        next_advantage = advantage * m
-    return advantages, (advantages + values) * mask
-
-
-def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped surrogate: mean over tokens of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps));
-    also the share of tokens where the clip was active."""
-    ratio = torch.exp(logps - old_logps)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    return loss, clipfrac.detach()
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               value_clip: float) -> torch.Tensor:
-    """0.5 * mean over tokens of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)."""
-    clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
-    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +77,8 @@ class PolicyLogps(TokenLoss):
     @torch.no_grad()
     def reference(self, input_ids, attention_mask, labels, reference: TokenLoss | None) -> torch.Tensor:
         """The same log-probabilities under the reference: a separate model, or the adapter off."""
-        if reference is not None:
-            return PolicyLogps.forward(reference, input_ids, attention_mask, labels)[0]
-        prefix, self._prefix = self._prefix, 0
-        try:
-            with self.model.disable_adapter():
-                return self.forward(input_ids, attention_mask, labels)[0]
-        finally:
-            self._prefix = prefix
+        with as_reference(self, reference) as scorer:
+            return PolicyLogps.forward(scorer, input_ids, attention_mask, labels)[0]
 
 
 class CriticValues(ScalarHead):
@@ -207,11 +138,9 @@ def sample(actor: nn.Module, prompts: list[tuple[int, ...]], stage: StageSpec, *
 
 
 class PpoStage:
-    """Everything one PPO stage holds; `run` drives it from train()."""
+    """Everything one PPO stage holds; `train` below drives it."""
 
-    def __init__(self, run, index: int, stage: StageSpec, start: nn.Module):
-        from runtime.train import TorchBackend, reference_model
-
+    def __init__(self, run: Run, index: int, stage: StageSpec, start: nn.Module):
         self.run, self.index, self.stage = run, index, stage
         config, p = run.config, stage.params
         self.params = p
@@ -224,23 +153,18 @@ class PpoStage:
         self.max_new_tokens = self._max_new_tokens(data)
 
         disable_dropout(start)
-        reference_name = p.get("reference") or stage.start
-        shares_weights = stage.adapter.kind == "lora" and reference_name == stage.start
-        self.reference = None
-        if not shares_weights:
-            frozen = copy.deepcopy(start) if reference_name == stage.start else reference_model(run, reference_name)
-            frozen.requires_grad_(False)
-            self.reference = TokenLoss(frozen.eval(), temperature=p["generation"]["temperature"])
-        self.reward = ScalarHead(reference_model(run, p["reward_model"]))
-        critic = reference_model(run, p.get("critic_from") or p["reward_model"])
+        frozen = frozen_reference(run, stage, start)
+        self.reference = TokenLoss(frozen, temperature=p["generation"]["temperature"]) if frozen is not None else None
+        self.reward = ScalarHead(frozen_model(run, p["reward_model"]))
+        critic = frozen_model(run, p.get("critic_from") or p["reward_model"])
         if not is_scalar(critic):
             critic = scalar_model(critic, config.seed)
         critic.requires_grad_(True)
         disable_dropout(critic)
         critic = apply_adapter(critic.train().to(run.device), stage.adapter, scalar=True)
         self.actor = apply_adapter(start, stage.adapter)
-        self.steps = self._total_steps()
-        updates = self.steps * p["ppo_epochs"] * self._updates_per_epoch()
+        self.steps = stage_steps(stage, len(self.prompts), run.d.world)
+        updates = self.steps * p["ppo_epochs"] * self.updates_per_rollout()
         self.actor_backend = TorchBackend(config, stage, self.actor, PolicyLogps(
             self.actor, temperature=p["generation"]["temperature"]), run.d, run.device, updates)
         critic_stage = stage.model_copy(update={"learning_rate": p.get("critic_learning_rate") or stage.learning_rate})
@@ -257,13 +181,8 @@ class PpoStage:
         longest = max((sum(1 for t in r.labels if t != IGNORE_INDEX) for r in rows), default=0)
         return longest or 64
 
-    def _total_steps(self) -> int:
-        per_step = self.params["rollout_batch_size"] * self.run.d.world
-        if self.stage.max_steps is not None:
-            return self.stage.max_steps
-        return max(1, -(-len(self.prompts) // per_step)) * self.stage.epochs
-
-    def _updates_per_epoch(self) -> int:
+    def updates_per_rollout(self) -> int:
+        """Optimizer steps of one pass (of `ppo_epochs`) over a rollout batch."""
         micro = -(-self.params["rollout_batch_size"] // self.stage.micro_batch_size)
         return -(-micro // self.stage.grad_accum)
 
@@ -365,99 +284,56 @@ class PpoStage:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def save(self, folder: Path) -> None:
-        for name, backend in (("actor", self.actor_backend), ("critic", self.critic_backend)):
+        for name, backend in ((CHECKPOINT_ACTOR_DIR, self.actor_backend), (CHECKPOINT_CRITIC_DIR, self.critic_backend)):
             (folder / name).mkdir(exist_ok=True)
             backend.save(folder / name)
 
     def load(self, folder: Path) -> None:
-        self.actor_backend.load(folder / "actor")
-        self.critic_backend.load(folder / "critic")
+        self.actor_backend.load(folder / CHECKPOINT_ACTOR_DIR)
+        self.critic_backend.load(folder / CHECKPOINT_CRITIC_DIR)
 
 
-def train_stage(run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn.Module, dict]:
+def train(run: Run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn.Module, StageReport]:
     """Run one PPO stage (resumable at rollout boundaries); returns the actor and the report."""
-    from runtime.train import Progress, _peak_rss_gib, _save_checkpoint, _set_rng_state
-
     d = run.d
     ppo = PpoStage(run, index, stage, model)
-    params_total, params_trainable = count_parameters(ppo.actor)
+    params = count_parameters(ppo.actor)
     before = ppo.heldout_reward() if d.is_main else None
-    step, tokens, elapsed_before = 0, 0, 0.0
-    resume = run.resume if run.resume and run.resume[1].stage_index == index else None
-    if resume is not None:
-        folder, state = resume
-        if state.world_size != d.world:
-            raise ckpt.CheckpointError(f"{folder} was written by {state.world_size} processes, this run has {d.world}; "
-                                       "resume with the same launch")
-        ppo.load(folder)
-        _set_rng_state(torch.load(folder / f"rng-rank{d.rank}.pt", weights_only=False))
-        step, tokens, elapsed_before = state.step, state.tokens, state.elapsed_s
-        run.log(f'resuming stage "{stage.name}" at step {step}/{ppo.steps} from {folder}')
-    metrics = open(run.build_dir / "metrics.jsonl", "a", encoding="utf-8") if d.is_main else None
-    progress = Progress(stage, ppo.steps, step, d.is_main)
-    started = time.perf_counter()
+    start = resume(run, index, stage, ppo.steps, ppo)
+    log = StageLog(run, index, stage, ppo.steps, start)
+    step = start.step
     window: dict[str, float] = {}
-    window_steps, window_start, window_tokens = 0, started, 0
-    first = final = None
+    window_steps = window_tokens = 0
     while step < ppo.steps:
         # The update shuffle is seeded by the step, so a resumed run repeats it exactly.
         generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step)
         r = ppo.rollout(ppo.step_prompts(step))
-        losses = ppo.update(r, step * stage.params["ppo_epochs"] * ppo._updates_per_epoch(), generator)
+        losses = ppo.update(r, step * stage.params["ppo_epochs"] * ppo.updates_per_rollout(), generator)
         step += 1
         window_steps += 1
         window_tokens += int(r.batch["attention_mask"].sum())
         for key, value in {"reward_mean": float(r.scores.mean()), "kl": float(r.kl.mean()),
                            "completion_tokens": float(r.mask.sum(dim=1).mean()), **losses}.items():
             window[key] = window.get(key, 0.0) + value
-        if step % stage.log_every_steps == 0 or step == ppo.steps:
-            from runtime.train import _all_ranks_sum
-
-            now = time.perf_counter()
-            real = _all_ranks_sum(window_tokens, d, run.device)
-            tokens += real
-            record = {"stage": stage.name, "step": step, "lr": ppo.actor_backend.lr(),
-                      "tokens_per_s": round(real / (now - window_start), 1), "peak_rss_gib": round(_peak_rss_gib(), 3),
-                      **{k: round(v / window_steps, 5) for k, v in window.items()}}
-            record["loss"] = record["policy_loss"]
-            first = record if first is None else first
-            final = record
-            if metrics:
-                metrics.write(json.dumps(record, sort_keys=True) + "\n")
-                metrics.flush()
-            eta = (now - started) / max(1, step - (resume[1].step if resume else 0)) * (ppo.steps - step)
-            progress.update(step, record, eta)
-            window, window_steps, window_start, window_tokens = {}, 0, now, 0
-        if stage.save_every_steps and step % stage.save_every_steps == 0 and step < ppo.steps:
-            state = ckpt.TrainState(
-                config_sha256=run.config_sha256, stage_index=index, stage=stage.name, step=step,
-                total_steps=ppo.steps, epoch=0, batch=step, tokens=tokens,
-                elapsed_s=round(elapsed_before + time.perf_counter() - started, 3), world_size=d.world,
-            )
-            _save_checkpoint(run, ppo, state, stage.keep_checkpoints)
-    progress.close()
-    if metrics:
-        metrics.close()
-    wall_s = elapsed_before + time.perf_counter() - started
-    report = {
-        "stage": stage.name, "kind": stage.kind, "adapter": stage.adapter.kind, "steps": ppo.steps,
-        "start_step": resume[1].step if resume else 0, "wall_s": round(wall_s, 2), "tokens": tokens,
-        "tokens_per_s": round(tokens / wall_s, 1) if wall_s else 0.0, "peak_memory_gib": None,
-        "peak_rss_gib": round(_peak_rss_gib(), 3),
-        "first_loss": first["policy_loss"] if first else None, "final_loss": final["policy_loss"] if final else None,
-        "first_reward": first["reward_mean"] if first else None, "final_reward": final["reward_mean"] if final else None,
-        "final_kl": final["kl"] if final else None, "examples": len(ppo.prompts),
-        "params_total": params_total, "params_trainable": params_trainable, "loss_unit": "tokens",
-        "max_new_tokens": ppo.max_new_tokens,
-    }
-    if run.device.type == "cuda":
-        report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(run.device) / 1024**3, 3)
+        if log.due(step):
+            means = {k: round(v / window_steps, 5) for k, v in window.items()}
+            log.record(step, window_tokens, lr=ppo.actor_backend.lr(), loss=means["policy_loss"], **means)
+            window, window_steps, window_tokens = {}, 0, 0
+        else:
+            log.tick(step)
+        checkpoint_if_due(run, index, stage, log, ppo, step, epoch=0, batch=step)
+    wall_s = log.close()
+    first, final = log.first, log.final
+    extra = {}
     if d.is_main:
-        report["heldout"] = {"before": before, "after": ppo.heldout_reward()}
-        run.log(f'[{stage.name}] held out: {json.dumps(report["heldout"], sort_keys=True)}')
-        from runtime.train import _write_tree
-
-        critic_dir = run.build_dir / "stages" / stage.name / "critic"  # beside the actor's stages/<name>/model
+        extra["heldout"] = heldout = {"before": before, "after": ppo.heldout_reward()}
+        run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")
+        critic_dir = run.build_dir / stage_dir(stage.name) / CRITIC_DIR  # beside the actor's stages/<name>/model
         critic_dir.parent.mkdir(parents=True, exist_ok=True)
-        _write_tree(critic_dir, lambda tmp: ppo.critic.save_pretrained(tmp, safe_serialization=True))
+        write_tree(critic_dir, lambda tmp: ppo.critic.save_pretrained(tmp, safe_serialization=True))
+    report = stage_report(
+        stage, log, wall_s, examples=len(ppo.prompts), params=params, loss_unit="tokens",
+        first_reward=first.reward_mean if first else None, final_reward=final.reward_mean if final else None,
+        final_kl=final.kl if final else None, max_new_tokens=ppo.max_new_tokens, **extra,
+    )
     return ppo.actor, report

@@ -1,24 +1,25 @@
-"""Model construction: scratch or pretrained weights, the planned adapter, and the token loss.
+"""Model construction: scratch or pretrained weights, the planned adapter, a scalar head.
 
 Everything here is transformers + peft: a scratch GPT-2 is transformers' own implementation, a
 pretrained model is whatever `AutoModelForCausalLM` loads, adapters are peft's (LoRA, prefix
-tuning / P-tuning v2) or plain `requires_grad` switches (freeze).
+tuning / P-tuning v2) or plain `requires_grad` switches (freeze), and a reward model or critic is
+transformers' `AutoModelForSequenceClassification` with one output.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from runtime.contract.config import AdapterSpec, HardwareSpec, ModelSpec
-from runtime.data import IGNORE_INDEX
 
 
 class ModelLoadError(Exception):
@@ -209,56 +210,34 @@ def hf_model(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class TokenLoss(nn.Module):
-    """Cross-entropy on supervised positions only, returned as (sum of token losses, token count).
+# ---------------------------------------------------------------------------------------------
+# scalar models: reward models and critics
 
-    The LM head (hidden x vocab, by far the largest matmul for small models) is applied only to
-    the hidden states whose next token is supervised, instead of to every position: for a
-    one-token label that is 1 row per example instead of ~50. Prefix tuning's trained key/value
-    prefixes are passed to the decoder as its past, exactly as peft's own forward does."""
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0):
-        super().__init__()
-        self.model = model
-        self.temperature = temperature  # logits are divided by it (PPO scores samples as they were drawn)
-        inner = hf_model(model)
-        # A tuple, not attributes: registering them as submodules would list every weight twice.
-        self._parts = (inner.base_model, inner.get_output_embeddings())
-        config = getattr(model, "active_peft_config", None)
-        self._prefix = config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0
+def scalar_model(causal: PreTrainedModel, seed: int) -> PreTrainedModel:
+    """A one-output sequence-classification model with `causal`'s decoder weights and a fresh head.
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        token_losses, supervised = self.token_losses(input_ids, attention_mask, labels)
-        return token_losses.sum(), supervised.sum()
+    The head starts as N(0, 1/sqrt(hidden + 1)), as in Stiennon et al. 2020 (the reward models of
+    OpenAI's lm-human-preferences), seeded so every rank and every attempt starts the same."""
+    from transformers import AutoModelForSequenceClassification
 
-    def per_row(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token losses, supervised token count) for each row of the batch."""
-        token_losses, supervised = self.token_losses(input_ids, attention_mask, labels)
-        rows = supervised.nonzero()[:, 0]
-        sums = torch.zeros(input_ids.shape[0], dtype=token_losses.dtype, device=token_losses.device)
-        return sums.index_add(0, rows, token_losses), supervised.sum(dim=1)
+    config = copy.deepcopy(causal.config)
+    config.num_labels = 1
+    config.problem_type = "regression"
+    config.architectures = None
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation)
+    model.base_model.load_state_dict(causal.base_model.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        weight = model.score.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) / math.sqrt(config.hidden_size + 1))
+        if getattr(model.score, "bias", None) is not None:
+            model.score.bias.zero_()
+    if getattr(causal, "is_activation_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
-    def token_losses(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss of every supervised token (row-major order) and the [batch, seq-1] supervision mask."""
-        kwargs: dict = {"use_cache": False}
-        if self._prefix:
-            batch = input_ids.shape[0]
-            prefix_mask = attention_mask.new_ones(batch, self._prefix)
-            attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
-            kwargs = {"past_key_values": self.model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self._prefix)}
-        body, head = self._parts
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = hidden.last_hidden_state
-        targets = labels[:, 1:]  # position t predicts token t+1
-        supervised = targets != IGNORE_INDEX  # [batch, seq-1]
-        selected = hidden[:, :-1][supervised]  # [n_supervised, hidden]
-        logits = head(selected).float()  # [n_supervised, vocab]
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return F.cross_entropy(logits, targets[supervised], reduction="none"), supervised
+
+def is_scalar(model: nn.Module) -> bool:
+    """Whether `model` (or the transformers model in its peft wrapper) has a scalar `score` head."""
+    return hasattr(hf_model(model), "score")

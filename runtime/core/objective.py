@@ -1,9 +1,9 @@
 """What a training stage optimises, in the shape the shared training loop runs.
 
-The loop in runtime/train.py (batching, accumulation, DDP or DeepSpeed, checkpoints, metrics) is
-the same for every stage that learns from a fixed data set; only the rows, their batching and
-the loss differ. Each such stage kind builds an `Objective`; PPO, which makes its own data by
-sampling, has its own loop in runtime/ppo.py.
+The loop in runtime/core/loop.py (batching, accumulation, DDP or DeepSpeed, checkpoints,
+metrics) is the same for every stage that learns from a fixed data set; only the rows, their
+batching and the loss differ. Each such stage kind builds an `Objective`; PPO, which makes its own
+data by sampling, has its own loop in runtime/stages/ppo.py.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ weights, optimizer, scheduler, gradient scaler and every rank's random-number st
 the size and sha256 of every other file. The folder is assembled under a temporary name and
 renamed into place, so a reader sees either a whole checkpoint or none; a checkpoint whose files
 do not match its `state.json` (a disk that filled up, a copy cut short) is reported and skipped.
+`save_checkpoint` writes one from every process of a run: rank 0 prepares and commits the
+folder, every rank writes its own part, and a failure on any rank (a full disk) stops them all.
 
 The same guarantee for a set of files in a folder that holds other things too is
 `runtime.contract.files.replace_files`.
@@ -16,14 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
-from runtime.contract.files import fsync_path
+import torch
 
-STATE_FILE = "state.json"
+from runtime.contract.files import fsync_path, write_failure
+from runtime.contract.layout import CHECKPOINT_STATE_FILE, rng_file
+from runtime.core.distributed import Dist, any_rank
+
 _NAME = re.compile(r"^(\d+)-(.+)-step(\d+)$")
 
 
@@ -73,7 +80,7 @@ def commit(root: Path, staging: Path, state: TrainState, keep: int) -> Path:
         files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
         fsync_path(path)
     record = {"state": asdict(state), "files": files}
-    state_path = staging / STATE_FILE
+    state_path = staging / CHECKPOINT_STATE_FILE
     with open(state_path, "w", encoding="utf-8") as f:
         f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
         f.flush()
@@ -97,18 +104,18 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders with a `state.json`, oldest first (not verified; see `verify`)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / CHECKPOINT_STATE_FILE).is_file()]
     return sorted(found, key=_order)
 
 
 def verify(path: Path) -> tuple[TrainState | None, str | None]:
     """(state, None) for a usable checkpoint, else (None, what is wrong with it)."""
     try:
-        record = json.loads((path / STATE_FILE).read_text())
+        record = json.loads((path / CHECKPOINT_STATE_FILE).read_text())
         state = TrainState(**record["state"])
         files = record["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return None, f"{STATE_FILE} is unreadable ({exc})"
+        return None, f"{CHECKPOINT_STATE_FILE} is unreadable ({exc})"
     for rel, expected in sorted(files.items()):
         file = path / rel
         if not file.is_file():
@@ -146,3 +153,83 @@ def remove_stale_staging(root: Path) -> None:
         for p in root.iterdir():
             if p.is_dir() and p.name.startswith(".tmp-"):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing one from every process
+
+
+class Checkpointable(Protocol):
+    """What a stage saves: a backend, or a stage holding several (PPO's actor and critic)."""
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
+
+
+def rng_state() -> dict:
+    """This process's random-number generators (python, torch, every visible GPU)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng_state(folder: Path, rank: int) -> None:
+    """Continue this process's random numbers where the checkpoint in `folder` left them."""
+    set_rng_state(torch.load(folder / rng_file(rank), weights_only=False))
+
+
+def save_checkpoint(root: Path, state: TrainState, keep: int, saved: Checkpointable, d: Dist,
+                    device: torch.device) -> None:
+    """Write a checkpoint of `saved` at `state` into `root` (collective: every rank calls it).
+
+    Raises CheckpointError on every rank when any rank could not write its part for lack of
+    space; the newest good checkpoint is left as it was."""
+    staging = staging_dir(root, state)
+
+    def attempt(write) -> str | None:
+        """None when `write()` worked; what ran out (disk, quota, file size limit) when it did not."""
+        try:
+            write()
+        except (OSError, RuntimeError) as exc:
+            problem = write_failure(staging, exc)
+            if problem is None:
+                raise
+            return problem
+        return None
+
+    def give_up_if_failed(problem: str | None) -> None:
+        # A barrier that also tells every rank whether any rank failed, so none is left waiting.
+        if not any_rank(problem is not None, d, device):
+            return
+        if d.is_main:
+            shutil.rmtree(staging, ignore_errors=True)  # give back the space; the last good checkpoint is untouched
+        done = complete_checkpoints(root)
+        if done:
+            then = f"the newest good checkpoint, {done[-1].name}, is untouched; free some space and run again to " \
+                "resume from it"
+        else:
+            then = "there is no earlier checkpoint; free some space and run again"
+        raise CheckpointError(
+            f"could not write checkpoint {root / checkpoint_name(state)}: "
+            f"{problem or 'another process could not write its part'}; {then}")
+
+    def prepare() -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+
+    def write_own_part() -> None:
+        torch.save(rng_state(), staging / rng_file(d.rank))
+        saved.save(staging)
+
+    give_up_if_failed(attempt(prepare) if d.is_main else None)
+    give_up_if_failed(attempt(write_own_part))
+    give_up_if_failed(attempt(lambda: commit(root, staging, state, keep)) if d.is_main else None)

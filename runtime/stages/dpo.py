@@ -13,19 +13,27 @@ For a pair, with log-probabilities summed over the completion tokens,
 The implicit rewards beta (log pi - log ref) give the held-out accuracy (chosen above rejected)
 and margin. The reference is the policy with its adapter switched off when the stage trains a
 LoRA or prefix adapter on the weights it starts from (no second copy in memory); otherwise a
-separate frozen model.
+separate frozen model (runtime/core/reference.py).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.data import PairRow, collate_pairs
-from runtime.model import TokenLoss
+from runtime.contract.artifacts import StageReport
+from runtime.contract.config import StageSpec
+from runtime.core.data import PairRow, collate_pairs, read_pairs
+from runtime.core.loop import train_objective
+from runtime.core.losses import TokenLoss
+from runtime.core.model import apply_adapter
+from runtime.core.objective import Objective, disable_dropout
+from runtime.core.reference import as_reference, frozen_reference
+from runtime.core.run import Run
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
@@ -68,14 +76,8 @@ class DpoLoss(TokenLoss):
 
     @torch.no_grad()
     def reference_logps(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        if self._reference:
-            return -self._reference[0].per_row(input_ids, attention_mask, labels)[0]
-        prefix, self._prefix = self._prefix, 0  # no virtual tokens while the adapter is off
-        try:
-            with self.model.disable_adapter():
-                return -self.per_row(input_ids, attention_mask, labels)[0]
-        finally:
-            self._prefix = prefix
+        with as_reference(self, self._reference[0] if self._reference else None) as scorer:
+            return -scorer.per_row(input_ids, attention_mask, labels)[0]
 
     def pair_terms(self, input_ids, attention_mask, labels):
         logps, counts = self.logps(input_ids, attention_mask, labels)
@@ -115,28 +117,19 @@ def heldout_metrics(loss: DpoLoss, rows: Sequence[PairRow], pad_id: int, device:
             "mean_margin": round(margin / n, 4)}
 
 
-def objective(run, stage, model: nn.Module):
+def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
     """The DPO stage's Objective: the policy starts from `model`; the reference as the stage says."""
-    import copy
-    from functools import partial
-
-    from runtime.data import read_pairs
-    from runtime.model import apply_adapter
-    from runtime.objective import Objective, disable_dropout
-    from runtime.train import reference_model
-
     data = run.config.data[stage.data]
     rows, heldout_rows = read_pairs(run.build_dir / data.train), read_pairs(run.build_dir / data.heldout)
     disable_dropout(model)
-    reference_name = stage.params.get("reference") or stage.start
-    shares_weights = stage.adapter.kind in ("lora", "prefix") and reference_name == stage.start
-    reference = None
-    if not shares_weights:
-        reference = copy.deepcopy(model) if reference_name == stage.start else reference_model(run, reference_name)
-        reference.requires_grad_(False)
-        reference.eval()
+    reference = frozen_reference(run, stage, model)
     policy = apply_adapter(model, stage.adapter)
     loss = DpoLoss(policy, stage.params, reference)
     pad_id = run.config.model.pad_token_id
     return Objective(rows=rows, loss=loss, model=policy, unit="pairs", collate=partial(collate_pairs, pad_id=pad_id),
                      heldout=lambda: heldout_metrics(loss, heldout_rows, pad_id, run.device))
+
+
+def train(run: Run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn.Module, StageReport]:
+    """One DPO stage through the shared loop: the trained policy and the stage's report."""
+    return train_objective(run, index, stage, objective(run, stage, model))

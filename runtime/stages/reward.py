@@ -4,7 +4,8 @@ The reward model is transformers' `AutoModelForSequenceClassification` with one 
 the decoder of the stage it starts from (usually the SFT model), so a user can load it anywhere.
 Its reward for a sequence is the head applied to the hidden state of the sequence's last real
 token (found from the attention mask, so a padding token that equals EOS is never confused with
-the end of the text).
+the end of the text). The scalar model and its head (`scalar_model`, `ScalarHead`) are in
+runtime/core, shared with PPO, whose reward model and critic are such models too.
 
   pairwise    loss = -log sigmoid(r_chosen - r_rejected)          (Ouyang et al. 2022, eq. 1)
   regression  loss = (r - score)^2                                 (scored completions)
@@ -16,65 +17,21 @@ scores counts as a pair, the higher score preferred.
 
 from __future__ import annotations
 
-import copy
-import math
+from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 
-from runtime.data import PairRow, ScoredRow, collate_pairs, collate_scored
-from runtime.model import hf_model
-
-
-def scalar_model(causal: PreTrainedModel, seed: int) -> PreTrainedModel:
-    """A one-output sequence-classification model with `causal`'s decoder weights and a fresh head.
-
-    The head starts as N(0, 1/sqrt(hidden + 1)), as in Stiennon et al. 2020 (the reward models of
-    OpenAI's lm-human-preferences), seeded so every rank and every attempt starts the same."""
-    from transformers import AutoModelForSequenceClassification
-
-    config = copy.deepcopy(causal.config)
-    config.num_labels = 1
-    config.problem_type = "regression"
-    config.architectures = None
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation)
-    model.base_model.load_state_dict(causal.base_model.state_dict())
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        weight = model.score.weight
-        weight.copy_(torch.randn(weight.shape, generator=generator) / math.sqrt(config.hidden_size + 1))
-        if getattr(model.score, "bias", None) is not None:
-            model.score.bias.zero_()
-    if getattr(causal, "is_activation_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
-
-
-class ScalarHead(nn.Module):
-    """A sequence-classification model read as rewards (one per sequence) or values (one per position)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        inner = hf_model(model)
-        # A tuple, not attributes: registering them as submodules would list every weight twice.
-        self._parts = (inner.base_model, inner.score)
-
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-        """The head at every position: [batch, seq]."""
-        body, head = self._parts
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
-        return head(hidden).squeeze(-1).float()
-
-    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The head at each row's last real token (right padding): [batch]."""
-        body, head = self._parts
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1  # [batch]
-        return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
+from runtime.contract.artifacts import StageReport
+from runtime.contract.config import StageSpec
+from runtime.core.data import PairRow, ScoredRow, collate_pairs, collate_scored, read_pairs, read_scored
+from runtime.core.loop import train_objective
+from runtime.core.losses import ScalarHead
+from runtime.core.model import apply_adapter, is_scalar, scalar_model
+from runtime.core.objective import Objective, disable_dropout
+from runtime.core.run import Run
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -145,18 +102,8 @@ def ordering_metrics(rewards: torch.Tensor, scores: torch.Tensor) -> dict:
             "mean_margin": round(float(dr[preferred].mean()), 4)}
 
 
-def is_scalar(model: nn.Module) -> bool:
-    return hasattr(hf_model(model), "score")
-
-
-def objective(run, stage, model: nn.Module):
+def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
     """The reward stage's Objective, starting from `model` (a causal LM gets a fresh scalar head)."""
-    from functools import partial
-
-    from runtime.data import read_pairs, read_scored
-    from runtime.model import apply_adapter
-    from runtime.objective import Objective, disable_dropout
-
     data = run.config.data[stage.data]
     pairwise = stage.params["objective"] == "pairwise"
     read = read_pairs if pairwise else read_scored
@@ -173,3 +120,8 @@ def objective(run, stage, model: nn.Module):
         collate=partial(collate_pairs if pairwise else collate_scored, pad_id=pad_id),
         heldout=lambda: {"before": before, "after": heldout_metrics(loss, heldout_rows, pad_id, run.device)},
     )
+
+
+def train(run: Run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn.Module, StageReport]:
+    """One reward stage through the shared loop: the trained reward model and the stage's report."""
+    return train_objective(run, index, stage, objective(run, stage, model))

@@ -58,6 +58,12 @@ def read_training_rows(path: Path, *, supervise_prompt: bool = False) -> list[Tr
     return out
 
 
+def count_rows(path: Path) -> int:
+    """Records in one of the build's JSONL files (one a line), without parsing them."""
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
 def collate_rows(rows: Sequence[TrainRow], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (padding is never supervised)."""
     width = max(len(r) for r in rows)

@@ -1,0 +1,300 @@
+"""The training loop of every stage that learns from a fixed data set (`train_objective`), and the
+pieces it shares with PPO's loop, which samples its own data (runtime/stages/ppo.py):
+
+  stage_steps           how many steps a stage takes: the plan's formula (runtime.contract.steps)
+  check_planned_steps   refuse a build whose plan.json counts other steps than this run would
+  resume                continue a stage from the run's checkpoint, when it belongs to the stage
+  StageLog              metrics.jsonl, the progress bar or log line, tokens and time
+  checkpoint_if_due     a checkpoint every `save_every_steps`
+  stage_report          what the stage did, for done.json and train_report.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from runtime.contract.artifacts import MetricsRecord, Plan, StageReport, dumps
+from runtime.contract.config import IncompatibleBuildError, RuntimeConfig, StageSpec
+from runtime.contract.layout import METRICS_FILE, PLAN_JSON
+from runtime.contract.steps import rollout_steps_per_epoch, steps_per_epoch, total_steps
+from runtime.core.backend import make_backend
+from runtime.core.checkpoint import Checkpointable, CheckpointError, TrainState, load_rng_state, save_checkpoint
+from runtime.core.data import count_rows, length_grouped_batches
+from runtime.core.distributed import Dist, all_ranks_sum, autocast, peak_memory_gib, peak_rss_gib
+from runtime.core.model import count_parameters
+from runtime.core.objective import Objective
+from runtime.core.run import Run
+
+# ---------------------------------------------------------------------------------------------
+# how many steps
+
+
+def stage_steps(stage: StageSpec, n_rows: int, world: int) -> int:
+    """Steps of a stage over `n_rows` training rows (prompts, for ppo) on `world` processes."""
+    if stage.kind == "ppo":  # one step is one rollout batch
+        if stage.max_steps is not None:
+            return stage.max_steps
+        return stage.epochs * rollout_steps_per_epoch(n_rows, stage.params["rollout_batch_size"], world)
+    return total_steps(n_rows, stage.micro_batch_size, stage.grad_accum, world, epochs=stage.epochs,
+                       max_steps=stage.max_steps)
+
+
+def check_planned_steps(plan: Plan, config: RuntimeConfig, build_dir: Path, world: int) -> None:
+    """Refuse, before anything trains, a build whose plan.json gives a stage another step count
+    than this run would take (another number of processes than compiled for, most likely)."""
+    for stage in config.stages:
+        planned = plan.stage(stage.name)
+        if planned is None:
+            raise IncompatibleBuildError(f'{build_dir / PLAN_JSON} has no stage "{stage.name}"; recompile the recipe')
+        n_rows = count_rows(build_dir / config.data[stage.data].train)
+        steps = stage_steps(stage, n_rows, world)
+        if steps != planned.steps:
+            raise IncompatibleBuildError(
+                f'stage "{stage.name}": {PLAN_JSON} plans {planned.steps} steps, but {n_rows} rows on {world} '
+                f"process(es) make {steps}; launch the build as compiled (launch.sh), or recompile the recipe "
+                "for this launch")
+
+
+def epoch_groups(rows: Sequence, stage: StageSpec, seed: int, epoch: int, d: Dist) -> list[list[list[int]]]:
+    """This rank's micro-batches of one epoch, grouped into optimizer steps (grad_accum each).
+
+    The order depends only on (seed, epoch), so a resumed run sees exactly the batches the
+    interrupted one would have. There are `runtime.contract.steps.steps_per_epoch` groups."""
+    batches = length_grouped_batches([len(r) for r in rows], stage.micro_batch_size, seed + epoch,
+                                     group=stage.length_grouping)
+    # Every rank must take the same number of steps; the last few batches may be dropped.
+    usable = len(batches) - len(batches) % d.world if d.world > 1 else len(batches)
+    mine = batches[d.rank : usable : d.world]
+    return [mine[i : i + stage.grad_accum] for i in range(0, len(mine), stage.grad_accum)]
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming, logging, checkpoints, the report
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a stage's loop begins: the first step, or the checkpoint it resumes from."""
+
+    step: int = 0
+    tokens: int = 0  # non-pad tokens of all ranks before `step`
+    elapsed_s: float = 0.0  # training time before `step`, over earlier attempts
+    resumed: bool = False
+
+
+def resume(run: Run, index: int, stage: StageSpec, steps: int, saved: Checkpointable) -> Start:
+    """Load `saved` and this rank's random numbers from the run's checkpoint when it was written
+    in this stage; else the start of the stage."""
+    if run.resume is None or run.resume[1].stage_index != index:
+        return Start()
+    folder, state = run.resume
+    if state.world_size != run.d.world:
+        raise CheckpointError(
+            f"{folder} was written by {state.world_size} processes, this run has {run.d.world}; "
+            "resume with the same launch"
+        )
+    saved.load(folder)
+    load_rng_state(folder, run.d.rank)
+    run.log(f'resuming stage "{stage.name}" at step {state.step}/{steps} from {folder}')
+    return Start(step=state.step, tokens=state.tokens, elapsed_s=state.elapsed_s, resumed=True)
+
+
+class Progress:
+    """Rank 0's view of training: a progress bar on a terminal, a line per log step otherwise."""
+
+    EXTRA = ("accuracy", "margin", "reward_mean", "kl")  # shown beside the loss when a stage logs them
+
+    def __init__(self, stage: StageSpec, total: int, start: int, enabled: bool):
+        self.stage, self.total, self.enabled = stage, total, enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=stage.name, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, record: MetricsRecord | None, eta_s: float) -> None:
+        if not self.enabled:
+            return
+        extra = {key: getattr(record, key) for key in self.EXTRA if getattr(record, key) is not None} if record else {}
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if record:
+                shown = {key: f"{value:.4f}" for key, value in extra.items()}
+                self.bar.set_postfix(loss=f"{record.loss:.4f}", **shown, tok_s=f"{record.tokens_per_s:.0f}")
+        elif record:
+            shown = "".join(f" {key} {value:.4f}" for key, value in extra.items())
+            print(
+                f"[{self.stage.name}] step {step}/{self.total} loss {record.loss:.4f}{shown} lr {record.lr:.2e} "
+                f"{record.tokens_per_s:.0f} tok/s eta {eta_s:.0f}s",
+                file=sys.stderr, flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StageLog:
+    """A stage's record as it trains: a line in metrics.jsonl per logged step (rank 0 writes),
+    the progress display, the tokens of all ranks, the training time over all attempts."""
+
+    def __init__(self, run: Run, index: int, stage: StageSpec, steps: int, start: Start):
+        self.run, self.stage, self.steps, self.start = run, stage, steps, start
+        self.tokens = start.tokens
+        self.first: MetricsRecord | None = None
+        self.final: MetricsRecord | None = None
+        self.file = None
+        if run.d.is_main:  # the first stage of a fresh run starts the file
+            fresh = index == 0 and not start.resumed
+            self.file = open(run.build_dir / METRICS_FILE, "w" if fresh else "a", encoding="utf-8")
+        self.progress = Progress(stage, steps, start.step, run.d.is_main)
+        self.started = self.window_start = time.perf_counter()
+        self.peak_memory_gib: float | None = None
+        self.peak_rss_gib: float | None = None
+
+    def due(self, step: int) -> bool:
+        return step % self.stage.log_every_steps == 0 or step == self.steps
+
+    def record(self, step: int, window_tokens: int, **metrics: Any) -> MetricsRecord:
+        """Log `step`: `metrics` (means since the last record) with the throughput of the
+        `window_tokens` non-pad tokens this rank processed since then. Collective."""
+        now = time.perf_counter()
+        real = all_ranks_sum(window_tokens, self.run.d, self.run.device)
+        self.tokens += real
+        device = self.run.device
+        memory = {"peak_memory_gib": peak_memory_gib(device)} if device.type == "cuda" \
+            else {"peak_rss_gib": round(peak_rss_gib(), 3)}
+        record = MetricsRecord(stage=self.stage.name, step=step, **metrics,
+                               tokens_per_s=round(real / (now - self.window_start), 1), **memory)
+        self.first = self.first or record
+        self.final = record
+        if self.file:
+            self.file.write(dumps(record, indent=None))
+            self.file.flush()
+        eta = (now - self.started) / max(1, step - self.start.step) * (self.steps - step)
+        self.progress.update(step, record, eta)
+        self.window_start = now
+        return record
+
+    def tick(self, step: int) -> None:
+        """A step that is not logged: the progress bar moves on."""
+        self.progress.update(step, None, 0.0)
+
+    def elapsed_s(self) -> float:
+        return self.start.elapsed_s + time.perf_counter() - self.started
+
+    def close(self) -> float:
+        """End the log; the stage's training time over all attempts, its peak memory noted."""
+        self.progress.close()
+        if self.file:
+            self.file.close()
+        self.peak_memory_gib = peak_memory_gib(self.run.device)
+        self.peak_rss_gib = round(peak_rss_gib(), 3)
+        return self.elapsed_s()
+
+
+def checkpoint_if_due(run: Run, index: int, stage: StageSpec, log: StageLog, saved: Checkpointable, step: int,
+                      *, epoch: int, batch: int) -> None:
+    """A checkpoint after every `save_every_steps` steps but the last (the stage's output follows
+    it). `epoch` and `batch`: the data position of the next step. Collective."""
+    if not stage.save_every_steps or step % stage.save_every_steps or step >= log.steps:
+        return
+    state = TrainState(
+        config_sha256=run.config_sha256, stage_index=index, stage=stage.name, step=step, total_steps=log.steps,
+        epoch=epoch, batch=batch, tokens=log.tokens, elapsed_s=round(log.elapsed_s(), 3), world_size=run.d.world,
+    )
+    save_checkpoint(run.checkpoints, state, stage.keep_checkpoints, saved, run.d, run.device)
+
+
+def stage_report(stage: StageSpec, log: StageLog, wall_s: float, *, examples: int, params: tuple[int, int],
+                 loss_unit: str, **extra: Any) -> StageReport:
+    """The report of a stage whose log is closed; `extra`: what only this kind of stage reports."""
+    return StageReport(
+        stage=stage.name, kind=stage.kind, adapter=stage.adapter.kind, steps=log.steps, start_step=log.start.step,
+        wall_s=round(wall_s, 2), tokens=log.tokens, tokens_per_s=round(log.tokens / wall_s, 1) if wall_s else 0.0,
+        peak_memory_gib=log.peak_memory_gib, peak_rss_gib=log.peak_rss_gib,
+        first_loss=log.first.loss if log.first else None, final_loss=log.final.loss if log.final else None,
+        examples=examples, params_total=params[0], params_trainable=params[1], loss_unit=loss_unit, **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop of fixed-data stages
+
+
+@dataclass
+class Window:
+    """Sums over the micro-batches since the last logged step."""
+
+    loss: float = 0.0
+    count: int = 0  # supervised tokens, pairs or rows: what the loss is averaged over
+    tokens: int = 0  # non-pad tokens
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def means(self) -> dict[str, float]:
+        n = max(1, self.count)
+        return {"loss": round(self.loss / n, 5), **{name: round(value / n, 5) for name, value in self.stats.items()}}
+
+
+def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective) -> tuple[nn.Module, StageReport]:
+    """One stage through the shared loop: returns the trained model and the stage's report."""
+    config, d = run.config, run.d
+    rows, model = objective.rows, objective.model
+    params = count_parameters(model)
+    per_epoch = steps_per_epoch(len(rows), stage.micro_batch_size, stage.grad_accum, d.world)
+    if per_epoch == 0:
+        raise RuntimeError(f'stage "{stage.name}": {len(rows)} training rows make no batch for {d.world} processes')
+    steps = stage_steps(stage, len(rows), d.world)
+    backend = make_backend(run, stage, model, objective.loss, steps)
+    start = resume(run, index, stage, steps, backend)
+    log = StageLog(run, index, stage, steps, start)
+    step, window = start.step, Window()
+    groups_of: dict[int, list[list[list[int]]]] = {}  # the current epoch's step groups
+    model.train()
+    while step < steps:
+        epoch, group = divmod(step, per_epoch)
+        if epoch not in groups_of:
+            groups_of = {epoch: epoch_groups(rows, stage, config.seed, epoch, d)}
+            if len(groups_of[epoch]) != per_epoch:
+                raise RuntimeError(f"epoch grouping made {len(groups_of[epoch])} steps; "
+                                   f"runtime.contract.steps counts {per_epoch}")
+        micro_batches = groups_of[epoch][group]
+        for k, micro in enumerate(micro_batches):
+            batch = objective.collate([rows[j] for j in micro])
+            batch = {key: value.to(run.device) for key, value in batch.items()}
+            with autocast(config, run.device):
+                out = backend.forward(batch)
+            loss_sum, count = out[0], out[1]
+            # Mean over the supervised tokens (or pairs, rows) of this micro-batch, averaged over accumulation.
+            loss = loss_sum / count.clamp(min=1) / len(micro_batches)
+            backend.backward(loss, last_micro=k == len(micro_batches) - 1)
+            window.loss += loss_sum.item()
+            window.count += int(count)
+            window.tokens += int(batch["attention_mask"].sum())
+            for name, value in (out[2] if len(out) > 2 else {}).items():
+                window.stats[name] = window.stats.get(name, 0.0) + float(value)
+        grad_norm = backend.step()
+        step += 1
+        if log.due(step):
+            log.record(step, window.tokens, epoch=round(epoch + (group + 1) / per_epoch, 3), **window.means(),
+                       lr=backend.lr(), grad_norm=round(grad_norm, 4))
+            window = Window()
+        else:
+            log.tick(step)
+        next_epoch, next_group = divmod(step, per_epoch)
+        checkpoint_if_due(run, index, stage, log, backend, step, epoch=next_epoch, batch=next_group * stage.grad_accum)
+    wall_s = log.close()
+    trained = backend.trained_model()
+    extra = {}
+    if objective.heldout is not None and d.is_main:
+        extra["heldout"] = heldout = objective.heldout()
+        run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")
+    report = stage_report(stage, log, wall_s, examples=len(rows), params=params, loss_unit=objective.unit, **extra)
+    return trained, report

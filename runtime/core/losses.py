@@ -1,0 +1,108 @@
+"""The modules a stage's loss is built on: token log-probabilities and a scalar head.
+
+`TokenLoss` scores the supervised tokens of a causal language model (the training loss of
+pretrain and sft, the log-probabilities of DPO and PPO); `ScalarHead` reads a sequence-
+classification model as one reward per sequence or one value per position (reward models, critics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.core.data import IGNORE_INDEX
+from runtime.core.model import hf_model
+
+
+class TokenLoss(nn.Module):
+    """Cross-entropy on supervised positions only, returned as (sum of token losses, token count).
+
+    The LM head (hidden x vocab, by far the largest matmul for small models) is applied only to
+    the hidden states whose next token is supervised, instead of to every position: for a
+    one-token label that is 1 row per example instead of ~50. Prefix tuning's trained key/value
+    prefixes are passed to the decoder as its past, exactly as peft's own forward does."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature  # logits are divided by it (PPO scores samples as they were drawn)
+        inner = hf_model(model)
+        # A tuple, not attributes: registering them as submodules would list every weight twice.
+        self._parts = (inner.base_model, inner.get_output_embeddings())
+        config = getattr(model, "active_peft_config", None)
+        self._prefix = config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0
+
+    @contextlib.contextmanager
+    def adapter_off(self) -> Iterator[TokenLoss]:
+        """This loss on the weights under the adapter: peft's adapter switched off and no virtual
+        tokens. A reference that shares the policy's weights costs no memory."""
+        prefix, self._prefix = self._prefix, 0
+        try:
+            with self.model.disable_adapter():
+                yield self
+        finally:
+            self._prefix = prefix
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        token_losses, supervised = self.token_losses(input_ids, attention_mask, labels)
+        return token_losses.sum(), supervised.sum()
+
+    def per_row(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token losses, supervised token count) for each row of the batch."""
+        token_losses, supervised = self.token_losses(input_ids, attention_mask, labels)
+        rows = supervised.nonzero()[:, 0]
+        sums = torch.zeros(input_ids.shape[0], dtype=token_losses.dtype, device=token_losses.device)
+        return sums.index_add(0, rows, token_losses), supervised.sum(dim=1)
+
+    def token_losses(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of every supervised token (row-major order) and the [batch, seq-1] supervision mask."""
+        kwargs: dict = {"use_cache": False}
+        if self._prefix:
+            batch = input_ids.shape[0]
+            prefix_mask = attention_mask.new_ones(batch, self._prefix)
+            attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
+            kwargs = {"past_key_values": self.model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self._prefix)}
+        body, head = self._parts
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = hidden.last_hidden_state
+        targets = labels[:, 1:]  # position t predicts token t+1
+        supervised = targets != IGNORE_INDEX  # [batch, seq-1]
+        selected = hidden[:, :-1][supervised]  # [n_supervised, hidden]
+        logits = head(selected).float()  # [n_supervised, vocab]
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return F.cross_entropy(logits, targets[supervised], reduction="none"), supervised
+
+
+class ScalarHead(nn.Module):
+    """A sequence-classification model read as rewards (one per sequence) or values (one per position)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        inner = hf_model(model)
+        # A tuple, not attributes: registering them as submodules would list every weight twice.
+        self._parts = (inner.base_model, inner.score)
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The head at every position: [batch, seq]."""
+        body, head = self._parts
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
+        return head(hidden).squeeze(-1).float()
+
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The head at each row's last real token (right padding): [batch]."""
+        body, head = self._parts
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1  # [batch]
+        return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()

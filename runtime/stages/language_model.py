@@ -1,0 +1,35 @@
+"""pretrain and sft: cross-entropy on the supervised tokens, through the shared loop.
+
+Pretraining supervises every token; sft supervises the completion (or the assistant turns of chat
+data), and every token too when the template's `loss` is "all".
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+
+from runtime.contract.artifacts import StageReport
+from runtime.contract.config import StageSpec
+from runtime.core.data import collate_rows, read_training_rows
+from runtime.core.loop import train_objective
+from runtime.core.losses import TokenLoss
+from runtime.core.model import apply_adapter
+from runtime.core.objective import Objective
+from runtime.core.run import Run
+
+
+def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
+    """The language-model Objective: the stage's rows, the planned adapter on `model`, TokenLoss."""
+    data = run.config.data[stage.data]
+    rows = read_training_rows(run.build_dir / data.train,
+                              supervise_prompt=stage.kind == "pretrain" or data.template.loss == "all")
+    model = apply_adapter(model, stage.adapter)
+    return Objective(rows=rows, loss=TokenLoss(model), model=model,
+                     collate=partial(collate_rows, pad_id=run.config.model.pad_token_id))
+
+
+def train(run: Run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn.Module, StageReport]:
+    """One pretrain or sft stage through the shared loop: the trained model and the stage's report."""
+    return train_objective(run, index, stage, objective(run, stage, model))
