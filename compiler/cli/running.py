@@ -16,6 +16,7 @@ from pathlib import Path
 from compiler.cli.common import EXIT_OK, EXIT_USER
 from compiler.diagnostics import RecipeError
 from compiler.views.results import eval_line
+from runtime.contract.artifacts import IncompatibleArtifactError, read_eval_report, read_run_report
 from runtime.contract.layout import (
     EVAL_JSON,
     LAUNCH_SH,
@@ -40,7 +41,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report.is_file():
         from runtime.report import summary_line
 
-        print(f"{summary_line(json.loads(report.read_text()))}; report: {build_dir / RUN_REPORT_MD}")
+        try:
+            print(f"{summary_line(read_run_report(report))}; report: {build_dir / RUN_REPORT_MD}")
+        except IncompatibleArtifactError as exc:
+            raise RecipeError.single(str(exc)) from None
     _print_eval(build_dir)
     return EXIT_OK
 
@@ -60,14 +64,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from runtime.chat import ChatError, run
-    from runtime.core.model import ModelLoadError
 
     build_dir = Path(args.build)
     if not (build_dir / RUNTIME_CONFIG_FILE).is_file():
         raise RecipeError.single(f"{build_dir} is not a build directory (run `recipe compile RECIPE` first)")
     try:
         return run(build_dir, args.prompt)
-    except (ChatError, ModelLoadError) as exc:
+    except ChatError as exc:
         raise RecipeError.single(str(exc)) from None
     except KeyboardInterrupt:
         return EXIT_OK
@@ -138,4 +141,7 @@ def _refuse_if_training(build_dir: Path) -> None:
 def _print_eval(build_dir: Path) -> None:
     path = build_dir / EVAL_JSON
     if path.is_file():
-        print(eval_line(json.loads(path.read_text()), path))
+        try:
+            print(eval_line(read_eval_report(path), path))
+        except IncompatibleArtifactError as exc:
+            raise RecipeError.single(str(exc)) from None
