@@ -1,8 +1,11 @@
-"""The contract between compiler and runtime.
+"""The runtime config: `runtime.json`, the resolved recipe the runtime executes.
 
-The compiler writes `runtime.json` into a build directory; the runtime reads only the build
-directory, never the recipe. This module is the one both sides import, so it must stay light:
-pydantic only, no torch.
+The compiler writes it into a build directory; the runtime never reads the recipe. Besides the
+build directory, a run reads only what the config names outside it: a pinned asset from the
+asset cache (looked up, never fetched: `runtime.contract.assets`), weights or a tokenizer on
+the hub (`model.weights.hub`, through transformers' own cache), and a `model.weights.path`
+(absolute, or relative to the directory `recipe run` is started from, as the recipe's was).
+Standard library and pydantic only, like all of `runtime.contract`.
 """
 
 from __future__ import annotations
