@@ -37,6 +37,7 @@ from runtime.contract.files import RunLockBusy, run_lock, write_atomic, write_fa
 from runtime.contract.layout import CHECKPOINT_DIR, MODEL_DIR, PLAN_JSON, TRAIN_REPORT_FILE
 from runtime.core.checkpoint import CheckpointError, latest_usable, remove_stale_staging
 from runtime.core.distributed import Dist, select_device, setup_distributed, shutdown_distributed
+from runtime.core.host_memory import return_freed_blocks_to_system
 from runtime.core.loop import check_planned_steps
 from runtime.core.model import ModelLoadError
 from runtime.core.outputs import finish_stage, finished_report, merged, starting_model
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: this runtime cannot execute {args.build_dir}: " + "; ".join(missing), file=sys.stderr)
         return 1
+    return_freed_blocks_to_system()  # before the model is loaded: every large block from then on
     d = setup_distributed(config.hardware.device)
     try:
         with _run_lock(args.build_dir, d):

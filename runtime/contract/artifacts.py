@@ -142,6 +142,7 @@ class MetricsRecord(_Written):
     tokens_per_s: float | None = None  # non-pad tokens of all processes per second
     peak_memory_gib: float | None = None  # on a GPU: torch's peak allocation
     peak_rss_gib: float | None = None  # on CPU: the process's peak resident set
+    rss_gib: float | None = None  # the process's resident set when the step was logged
     # reward and dpo stages
     accuracy: float | None = None
     margin: float | None = None

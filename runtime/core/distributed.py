@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import resource
 from dataclasses import dataclass
 
 import torch
@@ -82,11 +81,6 @@ def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
     if d.world > 1:
         dist.all_reduce(t)
     return bool(int(t.item()))
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident set so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

@@ -27,7 +27,8 @@ from runtime.contract.steps import rollout_steps_per_epoch, steps_per_epoch, tot
 from runtime.core.backend import make_backend
 from runtime.core.checkpoint import Checkpointable, CheckpointError, TrainState, load_rng_state, save_checkpoint
 from runtime.core.data import count_rows, length_grouped_batches
-from runtime.core.distributed import Dist, all_ranks_sum, autocast, peak_memory_gib, peak_rss_gib
+from runtime.core.distributed import Dist, all_ranks_sum, autocast, peak_memory_gib
+from runtime.core.host_memory import current_rss_gib, peak_rss_gib
 from runtime.core.model import count_parameters
 from runtime.core.objective import Objective
 from runtime.core.run import Run
@@ -171,6 +172,7 @@ class StageLog:
         device = self.run.device
         memory = {"peak_memory_gib": peak_memory_gib(device)} if device.type == "cuda" \
             else {"peak_rss_gib": round(peak_rss_gib(), 3)}
+        memory["rss_gib"] = round(current_rss_gib(), 3)  # now, not the high-water mark: shows growth
         record = MetricsRecord(stage=self.stage.name, step=step, **metrics,
                                tokens_per_s=round(real / (now - self.window_start), 1), **memory)
         self.first = self.first or record

@@ -18,6 +18,11 @@ from runtime.core.data import IGNORE_INDEX
 from runtime.core.model import hf_model
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row is its real tokens followed only by padding ([batch, seq] of 1 then 0)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 class TokenLoss(nn.Module):
     """Cross-entropy on supervised positions only, returned as (sum of token losses, token count).
 
@@ -72,6 +77,12 @@ class TokenLoss(nn.Module):
             prefix_mask = attention_mask.new_ones(batch, self._prefix)
             attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
             kwargs = {"past_key_values": self.model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self._prefix)}
+        elif right_padded(attention_mask):
+            # Causal attention never lets a real token see the padding after it, so the mask changes
+            # nothing the loss reads. Without it SDPA takes its causal kernel instead of building a
+            # [batch, 1, seq, seq] float mask in every layer and keeping it for backward (0.95 GiB for
+            # SmolLM2's 30 layers at 4 x 1,407 tokens).
+            attention_mask = None
         body, head = self._parts
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = hidden.last_hidden_state
