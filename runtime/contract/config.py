@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from runtime.contract.packing import PACKED_KINDS
+
 # Bump on any change a runtime of the previous version would misread.
 SCHEMA_VERSION = 2
 RUNTIME_CONFIG_FILE = "runtime.json"
@@ -175,8 +177,12 @@ def unsupported(config: RuntimeConfig) -> list[str]:
                        "lora, freeze or full adapters")
         if stage.optimizer == "adamw_8bit":
             out.append(f"{where} asks for adamw_8bit (bitsandbytes); this runtime has adamw, sgd and adafactor")
-        if stage.packing:
-            out.append(f"{where} asks for packing; this runtime batches by length instead (set packing = false)")
+        if stage.packing and stage.kind not in PACKED_KINDS:
+            out.append(f"{where} asks for packing, which packs pretrain and sft sequences; a {stage.kind} stage "
+                       "compares or scores whole rows (set packing = false for it)")
+        elif stage.packing and stage.adapter.kind == "prefix":
+            out.append(f"{where} asks for packing with a prefix adapter, whose virtual tokens would be shared by "
+                       'every sequence of a row (set packing = false, or adapter kind = "lora")')
         data = config.data[stage.data]
         if not data.tokenized:
             out.append(f'data set "{stage.data}" was not tokenized at compile time (the tokenizer was not available)')
