@@ -159,6 +159,7 @@ def _stage_entry(name: str, plan_stage: PlanStage | None, report: StageReport | 
         kind=kind if kind is not None else (report.kind if report is not None else None),
         adapter=adapter if adapter is not None else (report.adapter if report is not None else None),
         ran=report is not None,
+        **({"packing": report.packing} if report is not None and report.packing is not None else {}),
         start_step=report.start_step if report is not None and report.start_step is not None
         else (0 if report is not None else None),
         peak_memory_gib=MemoryComparison(**_compare(planned_peak, peak).model_dump(), measured=basis),

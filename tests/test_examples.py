@@ -169,8 +169,9 @@ def test_run_refuses_by_name_what_the_runtime_does_not_train_yet(tmp_path: Path)
     result = run_cli("run", str(build))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot execute it yet" in result.stderr
-    for stage in ("sft", "reward", "ppo"):  # every stage is named, with the way out
-        assert f'stage "{stage}" asks for packing; this runtime batches by length instead (set packing = false)' \
-            in result.stderr
+    for stage in ("reward", "ppo"):  # every stage that cannot pack is named, with the way out
+        assert f'stage "{stage}" asks for packing, which packs pretrain and sft sequences; a {stage} stage ' \
+            "compares or scores whole rows (set packing = false for it)" in result.stderr
+    assert 'stage "sft" asks for packing' not in result.stderr  # sft packs
     assert 'stage "ppo" is ppo, which runs on one process or DistributedDataParallel' in result.stderr
     assert not (build / "model").exists() and not (build / "metrics.jsonl").exists()

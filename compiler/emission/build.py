@@ -19,6 +19,7 @@ from compiler.data.tokenizer import recipe_encoder
 from compiler.diagnostics import Diagnostic, RecipeError
 from compiler.emission.launch import ds_config_files, render_launch, render_slurm
 from compiler.emission.manifest import listed_files, manifest
+from compiler.emission.packing import packs, training_items
 from compiler.emission.plan import build_plan
 from compiler.emission.runtime_config import planned_steps, runtime_config, stages_without_steps, steps_per_epoch
 from compiler.estimation.catalog import ModelFacts
@@ -26,7 +27,7 @@ from compiler.estimation.params import Architecture, architecture, parameters
 from compiler.estimation.stages import StageEstimate, estimate_stage, trainable_parameters
 from compiler.loading.loader import LoadedRecipe, display_path
 from compiler.loading.overrides import Override
-from compiler.loading.recipe import ScratchModel, Stage, eval_dataset, stage_adapter, stage_dataset, training, used_datasets
+from compiler.loading.recipe import ScratchModel, Stage, eval_dataset, stage_adapter, training, used_datasets
 from compiler.rules.context import Context, model_facts
 from compiler.rules.validate import validate
 from compiler.views.plan_md import render_markdown
@@ -178,13 +179,13 @@ def _estimate(loaded: LoadedRecipe, arch: Architecture, family: str, stage: Stag
     r = loaded.recipe
     t = training(r, stage)
     world = r.hardware.nodes * r.hardware.nproc_per_node
-    n_train = config.data[stage_dataset(r, stage)].n_train
+    n_train = training_items(packs(t, stage), data)  # rows, or the packs they make
     model = config.model.config
     dropout = any(float(model.get(k, 0) or 0) > 0 for k in ("resid_pdrop", "attention_dropout", "hidden_dropout"))
     return estimate_stage(
         r, arch, family, stage, trainable=trainable_parameters(arch, stage_adapter(r, stage)), n_train=n_train,
         tokens_per_epoch=data.tokens_per_epoch, supervised_per_epoch=data.supervised_per_epoch,
-        max_total_tokens=data.max_total_tokens, max_completion_tokens=data.max_completion_tokens,
+        max_total_tokens=data.max_total_tokens, max_completion_tokens=data.max_total_tokens if packs(t, stage) else data.max_completion_tokens,  # a full packed row
         mean_seq_len=data.mean_seq_len, steps=planned_steps(t, n_train, world, stage),
         steps_per_epoch=steps_per_epoch(t, n_train, world, stage), dropout=dropout,
     )

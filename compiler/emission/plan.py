@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from compiler.diagnostics import Diagnostic
+from compiler.emission.packing import packing_entry
 from compiler.estimation.catalog import ModelFacts
 from compiler.estimation.estimate import GIB
 from compiler.estimation.params import Architecture, ParameterCount
@@ -16,6 +17,7 @@ from compiler.loading.overrides import Override
 from compiler.views.plan_md import summary_line
 from runtime.contract.artifacts import PLAN_FORMAT_VERSION
 from runtime.contract.config import RuntimeConfig
+from runtime.contract.packing import PACKED_KINDS
 
 if TYPE_CHECKING:
     from compiler.data.prepare import PreparedData
@@ -58,6 +60,7 @@ def build_plan(
                 "train_tokens": est.tokens,
                 "tokens_measured": prepared[stage.data].measured,
                 "tokens": _stage_tokens(prepared[stage.data]),
+                **({"packing": packed} if (packed := packing_entry(stage.packing and stage.kind in PACKED_KINDS, prepared[stage.data])) else {}),
                 "memory": _memory_entry(est),
                 "compute": {
                     "flops": est.flops,

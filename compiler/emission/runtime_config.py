@@ -13,6 +13,7 @@ from pathlib import Path
 from compiler.data.prepare import PreparedData
 from compiler.data.tokenizer import Encoder
 from compiler.diagnostics import Diagnostic
+from compiler.emission.packing import packs, training_items
 from compiler.estimation.catalog import ModelFacts
 from compiler.estimation.params import Architecture
 from compiler.loading.loader import LoadedRecipe, display_path
@@ -95,7 +96,8 @@ def runtime_config(loaded: LoadedRecipe, facts: ModelFacts, arch: Architecture, 
                                 hub=None if encoder else (r.tokenizer.hub if r.tokenizer and r.tokenizer.hub else getattr(model, "hub", None)),
                                 eos_token=eos, pad_token=pad),
         data=data,
-        stages=tuple(_stage_spec(loaded, s, data[stage_dataset(r, s)].n_train) for s in r.stages),
+        stages=tuple(_stage_spec(loaded, s, training_items(packs(training(r, s), s), prepared[stage_dataset(r, s)]))
+                     for s in r.stages),
         eval=_eval_spec(loaded, prepared, eval_data),
         hardware=HardwareSpec(device=hw.device, gpu=hw.gpu, nproc_per_node=hw.nproc_per_node, nodes=hw.nodes,
                               precision=hw.precision, zero_stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
@@ -127,7 +129,7 @@ def stages_without_steps(loaded: LoadedRecipe, prepared: dict[str, PreparedData]
     out = []
     for i, stage in enumerate(r.stages):
         t = training(r, stage)
-        rows = prepared[stage_dataset(r, stage)].n_train
+        rows = training_items(packs(t, stage), prepared[stage_dataset(r, stage)])
         if steps_per_epoch(t, rows, world, stage) > 0:
             continue
         name = stage_dataset(r, stage)

@@ -78,6 +78,19 @@ class PlanStageTokens(_Read):
     dropped_examples: int | None = None
 
 
+class Packing(BaseModel):
+    """Packed rows (train.packing): the tokens of a row, the rows (packs) and the sequences they
+    hold, sequences per pack and the share of the rows' token slots left as padding."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    budget: int
+    packs: int
+    sequences: int
+    sequences_per_pack: float
+    padding_share: float
+
+
 class PlanStage(_Read):
     name: str
     steps: int  # optimizer steps (rollouts for ppo), by runtime.contract.steps
@@ -200,6 +213,7 @@ class StageReport(_Written):
     params_trainable: int | None = None
     loss_unit: str | None = None  # what the loss is averaged over: tokens, pairs or rows
     heldout: Heldout | None = None
+    packing: Packing | None = None  # pretrain and sft with train.packing
     # ppo
     first_reward: float | None = None
     final_reward: float | None = None
@@ -314,6 +328,7 @@ class RunStage(_Written):
     loss: LossSummary
     truncation: Truncation | None
     heldout: Heldout | None
+    packing: Packing | None = None
 
 
 class RunTotals(_Written):

@@ -10,11 +10,14 @@ Standard library and pydantic only, like all of `runtime.contract`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from runtime.contract.packing import PACKED_KINDS
 
 # Bump on any change a runtime of the previous version would misread.
 SCHEMA_VERSION = 2
@@ -165,7 +168,9 @@ def unsupported(config: RuntimeConfig) -> list[str]:
     out = []
     model, hw = config.model, config.hardware
     if model.quantization != "none":
-        out.append(f"{model.quantization} quantized base weights are not wired in yet (model.quantization)")
+        out.append(f"model.quantization = \"{model.quantization}\": bitsandbytes loads and trains quantized bases "
+                   "on cpu and cuda, but this runtime cannot yet save, merge or reload a stage trained on one; "
+                   'use quantization = "none"')
     if hw.attention == "flash_attention_2" and hw.device != "cuda":
         out.append('attention = "flash_attention_2" needs hardware.device = "cuda"')
     for stage in config.stages:
@@ -176,10 +181,15 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         if stage.kind in ("reward", "ppo") and stage.adapter.kind == "prefix":
             out.append(f"{where} is {stage.kind} with a prefix adapter; reward models and critics train "
                        "lora, freeze or full adapters")
-        if stage.optimizer == "adamw_8bit":
-            out.append(f"{where} asks for adamw_8bit (bitsandbytes); this runtime has adamw, sgd and adafactor")
-        if stage.packing:
-            out.append(f"{where} asks for packing; this runtime batches by length instead (set packing = false)")
+        if stage.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            out.append(f"{where} asks for adamw_8bit, which needs bitsandbytes; install the qlora extra "
+                       "(pip install 'recipe[qlora]') or use optimizer = \"adamw\"")
+        if stage.packing and stage.kind not in PACKED_KINDS:
+            out.append(f"{where} asks for packing, which packs pretrain and sft sequences; a {stage.kind} stage "
+                       "compares or scores whole rows (set packing = false for it)")
+        elif stage.packing and stage.adapter.kind == "prefix":
+            out.append(f"{where} asks for packing with a prefix adapter, whose virtual tokens would be shared by "
+                       'every sequence of a row (set packing = false, or adapter kind = "lora")')
         data = config.data[stage.data]
         if not data.tokenized:
             out.append(f'data set "{stage.data}" was not tokenized at compile time (the tokenizer was not available)')

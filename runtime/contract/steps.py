@@ -8,6 +8,8 @@ groups its micro-batches `grad_accum` at a time (the last group may be short).
 
 from __future__ import annotations
 
+from runtime.contract.packing import pack
+
 
 def micro_batches(n_rows: int, micro_batch_size: int) -> int:
     """Micro-batches one epoch cuts `n_rows` into (the last one may be short)."""
@@ -32,3 +34,11 @@ def rollout_steps_per_epoch(n_prompts: int, rollout_batch_size: int, world: int)
     """Steps of an online stage (PPO) in one pass over its prompts: each step samples
     `rollout_batch_size` prompts on every process."""
     return -(-n_prompts // (rollout_batch_size * world))
+
+
+def training_items(lengths: list[int], budget: int, *, packing: bool) -> int:
+    """What one epoch batches: the training sequences, or with `packing` the packs they make
+    (runtime.contract.packing); `total_steps` counts micro-batches of these."""
+    if not packing:
+        return len(lengths)
+    return len(pack(lengths, budget))

@@ -26,11 +26,12 @@ from runtime.contract.layout import METRICS_FILE, PLAN_JSON
 from runtime.contract.steps import rollout_steps_per_epoch, steps_per_epoch, total_steps
 from runtime.core.backend import make_backend
 from runtime.core.checkpoint import Checkpointable, CheckpointError, TrainState, load_rng_state, save_checkpoint
-from runtime.core.data import count_rows, length_grouped_batches
+from runtime.core.data import length_grouped_batches
 from runtime.core.distributed import Dist, all_ranks_sum, autocast, peak_memory_gib
 from runtime.core.host_memory import current_rss_gib, peak_rss_gib
 from runtime.core.model import count_parameters
 from runtime.core.objective import Objective
+from runtime.core.packing import training_items
 from runtime.core.run import Run
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ def check_planned_steps(plan: Plan, config: RuntimeConfig, build_dir: Path, worl
         planned = plan.stage(stage.name)
         if planned is None:
             raise IncompatibleBuildError(f'{build_dir / PLAN_JSON} has no stage "{stage.name}"; recompile the recipe')
-        n_rows = count_rows(build_dir / config.data[stage.data].train)
+        n_rows = training_items(build_dir, config, stage)
         steps = stage_steps(stage, n_rows, world)
         if steps != planned.steps:
             raise IncompatibleBuildError(
@@ -298,5 +299,8 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
     if objective.heldout is not None and d.is_main:
         extra["heldout"] = heldout = objective.heldout()
         run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")
-    report = stage_report(stage, log, wall_s, examples=len(rows), params=params, loss_unit=objective.unit, **extra)
+    if objective.packing is not None:
+        extra["packing"] = objective.packing
+    examples = objective.packing["sequences"] if objective.packing is not None else len(rows)
+    report = stage_report(stage, log, wall_s, examples=examples, params=params, loss_unit=objective.unit, **extra)
     return trained, report

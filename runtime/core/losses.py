@@ -53,9 +53,10 @@ class TokenLoss(nn.Module):
             self._prefix = prefix
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        token_losses, supervised = self.token_losses(input_ids, attention_mask, labels)
+        token_losses, supervised = self.token_losses(input_ids, attention_mask, labels, position_ids)
         return token_losses.sum(), supervised.sum()
 
     def per_row(
@@ -68,10 +69,19 @@ class TokenLoss(nn.Module):
         return sums.index_add(0, rows, token_losses), supervised.sum(dim=1)
 
     def token_losses(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss of every supervised token (row-major order) and the [batch, seq-1] supervision mask."""
+        """The loss of every supervised token (row-major order) and the [batch, seq-1] supervision mask.
+
+        With `position_ids` the rows are packs (runtime.core.packing): the position ids delimit
+        the sequences and no attention mask is passed, so each sequence attends only to itself."""
         kwargs: dict = {"use_cache": False}
+        if position_ids is not None:
+            if self._prefix:
+                raise ValueError("packed rows cannot carry prefix tuning's virtual tokens")
+            kwargs["position_ids"] = position_ids
+            attention_mask = None
         if self._prefix:
             batch = input_ids.shape[0]
             prefix_mask = attention_mask.new_ones(batch, self._prefix)

@@ -24,6 +24,8 @@ class Objective:
     collate: Callable[[Sequence[Any]], dict[str, torch.Tensor]]
     heldout: Callable[[], dict] | None = None  # held-out metrics once trained (rank 0 only)
     unit: str = "tokens"  # what the loss is averaged over: supervised tokens, pairs or rows
+    # with train.packing: rows are packs; runtime.core.packing.packing_report of the sequences
+    packing: dict | None = None
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -22,6 +22,12 @@ def build_optimizer(model: torch.nn.Module, stage: StageSpec) -> torch.optim.Opt
         from transformers.optimization import Adafactor
 
         return Adafactor(groups, lr=stage.learning_rate, scale_parameter=False, relative_step=False)
+    if stage.optimizer == "adamw_8bit":
+        # bitsandbytes' blockwise 8-bit AdamW (CPU and CUDA kernels); tensors under 4,096 elements
+        # keep 32-bit state, as the library does by default
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=stage.learning_rate, betas=stage.adam_betas, eps=stage.adam_eps)
     return torch.optim.AdamW(groups, lr=stage.learning_rate, betas=stage.adam_betas, eps=stage.adam_eps)
 
 

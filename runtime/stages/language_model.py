@@ -1,7 +1,8 @@
 """pretrain and sft: cross-entropy on the supervised tokens, through the shared loop.
 
 Pretraining supervises every token; sft supervises the completion (or the assistant turns of chat
-data), and every token too when the template's `loss` is "all".
+data), and every token too when the template's `loss` is "all". With `train.packing` the rows are
+packs of sequences that attend only to themselves (runtime.core.packing).
 """
 
 from __future__ import annotations
@@ -17,17 +18,26 @@ from runtime.core.loop import train_objective
 from runtime.core.losses import TokenLoss
 from runtime.core.model import apply_adapter
 from runtime.core.objective import Objective
+from runtime.core.packing import collate_packed, pack_budget, pack_rows, packing_report
 from runtime.core.run import Run
 
 
 def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
-    """The language-model Objective: the stage's rows, the planned adapter on `model`, TokenLoss."""
+    """The language-model Objective: the stage's rows (or their packs), the planned adapter on
+    `model`, TokenLoss."""
     data = run.config.data[stage.data]
     rows = read_training_rows(run.build_dir / data.train,
                               supervise_prompt=stage.kind == "pretrain" or data.template.loss == "all")
     model = apply_adapter(model, stage.adapter)
-    return Objective(rows=rows, loss=TokenLoss(model), model=model,
-                     collate=partial(collate_rows, pad_id=run.config.model.pad_token_id))
+    pad_id = run.config.model.pad_token_id
+    if not stage.packing:
+        return Objective(rows=rows, loss=TokenLoss(model), model=model, collate=partial(collate_rows, pad_id=pad_id))
+    budget = pack_budget(data, [len(r) for r in rows])
+    report = packing_report(rows, budget)
+    run.log(f'[{stage.name}] packing {report["sequences"]} sequences into {report["packs"]} rows of {budget} tokens '
+            f'({report["sequences_per_pack"]} a row, {report["padding_share"]:.1%} padding)')
+    return Objective(rows=pack_rows(rows, budget), loss=TokenLoss(model), model=model,
+                     collate=partial(collate_packed, pad_id=pad_id), packing=report)
 
 
 def train(run: Run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn.Module, StageReport]:

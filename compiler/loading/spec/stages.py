@@ -45,7 +45,7 @@ class TrainSection(Section):
     max_grad_norm: PositiveFloat = 1.0
     """Clip the global gradient norm to this value."""
     optimizer: Literal["adamw", "adamw_8bit", "sgd", "adafactor"] = "adamw"
-    """Optimizer. adamw_8bit needs bitsandbytes and a GPU."""
+    """Optimizer. adamw_8bit is bitsandbytes' 8-bit AdamW (the qlora extra; cpu and cuda)."""
     adam_betas: Annotated[tuple[float, float], Field(strict=False)] = (0.9, 0.999)  # TOML and JSON have lists
     """AdamW beta1, beta2."""
     adam_eps: PositiveFloat = 1e-8
@@ -63,7 +63,7 @@ class TrainSection(Section):
     length_grouping: bool = True
     """Batch examples of similar length together, so little padding is computed."""
     packing: bool = False
-    """Pack several examples into one sequence (attention kept separate per example)."""
+    """Pack several sequences into each row of the token budget (pretrain and sft; each sequence attends only to itself)."""
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:
