@@ -33,7 +33,7 @@ class Family:
     tied_default: bool = False  # tie_word_embeddings when config.json leaves it out
     moe: str = "none"  # none; mixtral (routed experts); qwen (routed experts, sparse step, dense layers)
     shared_expert: bool = False  # one always-on expert MLP with a sigmoid gate (Qwen1.5/Qwen2-MoE)
-    frozen_by_default: tuple[str, ...] = field(default=())  # parameters no adapter trains unless named
+    frozen_by_default: tuple[str, ...] = field(default=())  # gates "all-linear" leaves frozen (name them to adapt)
     expert_parameters: tuple[str, ...] = field(default=())  # 3-D expert tensors (not nn.Linear)
 
 
@@ -63,12 +63,21 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", _SPLIT_ATTENTION + _SPLIT_MLP, _MOE_SUBMODULES, qk_norm="head", moe="qwen",
                         frozen_by_default=("gate",), expert_parameters=_EXPERTS),
     "qwen2_moe": Family("qwen2_moe", _SPLIT_ATTENTION + _SPLIT_MLP + ("shared_expert_gate",), _MOE_SUBMODULES,
-                        qkv_bias=True, moe="qwen", shared_expert=True, frozen_by_default=("gate",),
+                        qkv_bias=True, moe="qwen", shared_expert=True, frozen_by_default=("gate", "shared_expert_gate"),
                         expert_parameters=_EXPERTS),
 }
 
 # The family planned from the meta model alone (no closed-form terms).
 GENERIC = "generic"
+
+
+def all_linear_targets(family: str) -> tuple[str, ...] | None:
+    """What "all-linear" adapts in a mixture of experts: its nn.Linear layers except the gates.
+    None for a dense family, where peft's own "all-linear" already means exactly that."""
+    fam = FAMILIES.get(family)
+    if fam is None or fam.moe == "none":
+        return None
+    return tuple(n for n in fam.linear_modules if n not in fam.frozen_by_default)
 
 
 def family_of(config: dict) -> str:

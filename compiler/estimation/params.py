@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compiler.estimation.catalog import ModelFacts
-from compiler.estimation.families import FAMILIES
+from compiler.estimation.families import FAMILIES, all_linear_targets
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def architecture(facts: ModelFacts, vocab_size: int | None = None, n_positions: 
     else:
         qkv_bias = bool(c.get("attention_bias", False))
     experts = top_k = expert_i = shared_i = sparse = 0
-    if fam is not None and fam.moe != "none":
+    if fam is not None and fam.moe != "none" and meta is None:
         experts = int(c.get("num_local_experts") or c.get("num_experts"))
         top_k = int(c["num_experts_per_tok"])
         expert_i = int(c["intermediate_size"] if fam.moe == "mixtral" else c["moe_intermediate_size"])
@@ -221,6 +221,8 @@ def block_linear_weights(a: Architecture) -> int:
 
 def lora_parameters(a: Architecture, rank: int, targets: list[str] | str) -> int:
     """Adapter weights: A (rank x in) and B (out x rank) for each targeted linear in every block."""
+    if targets == "all-linear":
+        targets = all_linear_targets(a.family) or "all-linear"  # a mixture of experts: its gates stay frozen
     total = 0
     for n, sparse in _layer_kinds(a):
         chosen = [(i, o) for name, i, o, _ in linear_shapes(a, sparse) if targets == "all-linear" or name in targets]
