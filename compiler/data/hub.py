@@ -36,8 +36,11 @@ def cached_file(repo: str, revision: str | None, filename: str) -> Path | None:
 
 def fetch_file(repo: str, revision: str | None, filename: str, required: bool) -> Path | None:
     """`filename` of `repo`, from the cache or the hub. A missing optional file is None; a
-    required one that cannot be had raises HubError with the three ways out."""
-    from huggingface_hub import hf_hub_download
+    required one that cannot be had raises HubError with the three ways out.
+
+    The hub is first asked once for the file's metadata with a short timeout (huggingface_hub's
+    own download retries a dead connection for a minute), so an unreachable hub fails fast."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -48,6 +51,13 @@ def fetch_file(repo: str, revision: str | None, filename: str, required: bool) -
     )
 
     try:
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    if constants.HF_HUB_OFFLINE:
+        return _unreachable(repo, revision, filename, required)
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=TIMEOUT_S)
         return Path(hf_hub_download(repo, filename, revision=revision, etag_timeout=TIMEOUT_S))
     except GatedRepoError:
         if not required:
@@ -62,20 +72,28 @@ def fetch_file(repo: str, revision: str | None, filename: str, required: bool) -
         if not required:
             return None
         raise HubError(f"{repo} has no revision {revision!r}; give a branch, tag or commit hash it has") from None
+    except LocalEntryNotFoundError:
+        return _unreachable(repo, revision, filename, required)
     except EntryNotFoundError:
         if not required:
             return None
         raise HubError(f"{_where(repo, revision)} has no {filename}; it is not a transformers checkpoint") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+    except HfHubHTTPError as exc:
         if not required:
-            return cached_file(repo, revision, filename)
-        if isinstance(exc, HfHubHTTPError) and not isinstance(exc, LocalEntryNotFoundError):
-            raise HubError(f"the hub refused {filename} of {_where(repo, revision)}: {str(exc).splitlines()[0]}") from None
-        raise HubError(
-            f"cannot reach the hub for {repo} (revision {revision or 'main'}) and its {filename} is not in the "
-            "Hugging Face cache: connect to the network, or download it once and set HF_HUB_OFFLINE=1 with that "
-            'warm cache, or give config = "path/to/config.json" in [model]'
-        ) from None
+            return None
+        raise HubError(f"the hub refused {filename} of {_where(repo, revision)}: {str(exc).splitlines()[0]}") from None
+    except Exception:  # connection refused, DNS failure, timeout: httpx and OS errors alike
+        return _unreachable(repo, revision, filename, required)
+
+
+def _unreachable(repo: str, revision: str | None, filename: str, required: bool) -> None:
+    if not required:
+        return None
+    raise HubError(
+        f"cannot reach the hub for {repo} (revision {revision or 'main'}) and its {filename} is not in the "
+        "Hugging Face cache: connect to the network, or download it once and set HF_HUB_OFFLINE=1 with that "
+        'warm cache, or give config = "path/to/config.json" in [model]'
+    )
 
 
 def hub_config(repo: str, revision: str | None) -> dict:

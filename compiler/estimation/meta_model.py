@@ -80,13 +80,14 @@ def meta_model(facts: ModelFacts) -> MetaModel:
         (name.rsplit(".", 1)[-1], m.in_features, m.out_features, m.bias is not None)
         for name, m in first.named_modules() if isinstance(m, nn.Linear)
     )
-    names: set[str] = set()
-    experts: set[str] = set()
-    for block in blocks:
-        names.update(n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, nn.Linear))
-        experts.update(n.rsplit(".", 1)[-1] for n, p in block.named_parameters() if p.dim() == 3)
+    every = tuple(
+        (name.rsplit(".", 1)[-1], m.in_features, m.out_features, m.bias is not None)
+        for block in blocks for name, m in block.named_modules() if isinstance(m, nn.Linear)
+    )
+    experts = {n.rsplit(".", 1)[-1] for block in blocks for n, p in block.named_parameters() if p.dim() == 3}
+    names = {name for name, _, _, _ in every}
     count = MetaCount(total=total, embedding=embedding, per_layer=sum(p.numel() for p in first.parameters()),
-                      linears=linears)
+                      linears=linears, all_linears=every, expert_tensors=bool(experts))
     return MetaModel(count=count, linear_modules=tuple(sorted(names)),
                      block_submodules=tuple(n for n, _ in first.named_children()),
                      expert_parameters=tuple(sorted(experts)))

@@ -19,8 +19,10 @@ class MetaCount:
 
     total: int
     embedding: int
-    per_layer: int
-    linears: tuple[tuple[str, int, int, bool], ...]
+    per_layer: int  # the first block's
+    linears: tuple[tuple[str, int, int, bool], ...]  # the first block's nn.Linear layers
+    all_linears: tuple[tuple[str, int, int, bool], ...]  # every block's, in order
+    expert_tensors: bool  # the blocks hold 3-D expert tensors (a mixture of experts)
 
 
 @dataclass(frozen=True)
@@ -214,15 +216,28 @@ def _layer_kinds(a: Architecture) -> list[tuple[int, bool]]:
     return [(n, sparse) for n, sparse in ((a.dense_layers, False), (a.sparse_layers, True)) if n]
 
 
+def all_linear_names(a: Architecture) -> tuple[str, ...] | None:
+    """The module names "all-linear" resolves to in a mixture of experts (its nn.Linear layers,
+    not the router or the routed experts' 3-D tensors, which peft's own "all-linear" would also
+    adapt); None for a dense model, where peft's "all-linear" means exactly its linear layers."""
+    if a.meta is not None:
+        return tuple(sorted({n for n, _, _, _ in a.meta.all_linears})) if a.meta.expert_tensors else None
+    return all_linear_targets(a.family)
+
+
 def block_linear_weights(a: Architecture) -> int:
     """Weight-matrix parameters of every block's nn.Linear layers (what bitsandbytes quantizes)."""
+    if a.meta is not None:
+        return sum(i * o for _, i, o, _ in a.meta.all_linears)
     return sum(n * sum(i * o for _, i, o, _ in linear_shapes(a, sparse)) for n, sparse in _layer_kinds(a))
 
 
 def lora_parameters(a: Architecture, rank: int, targets: list[str] | str) -> int:
     """Adapter weights: A (rank x in) and B (out x rank) for each targeted linear in every block."""
     if targets == "all-linear":
-        targets = all_linear_targets(a.family) or "all-linear"  # a mixture of experts: its gates stay frozen
+        targets = all_linear_names(a) or "all-linear"  # a mixture of experts: its gates stay frozen
+    if a.meta is not None:
+        return sum(rank * (i + o) for name, i, o, _ in a.meta.all_linears if targets == "all-linear" or name in targets)
     total = 0
     for n, sparse in _layer_kinds(a):
         chosen = [(i, o) for name, i, o, _ in linear_shapes(a, sparse) if targets == "all-linear" or name in targets]
