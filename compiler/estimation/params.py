@@ -222,7 +222,18 @@ def all_linear_names(a: Architecture) -> tuple[str, ...] | None:
     adapt); None for a dense model, where peft's "all-linear" means exactly its linear layers."""
     if a.meta is not None:
         return tuple(sorted({n for n, _, _, _ in a.meta.all_linears})) if a.meta.expert_tensors else None
-    return all_linear_targets(a.family)
+    frozen = all_linear_targets(a.family)
+    if frozen is None:
+        return None
+    return tuple(n for n in linear_names(a) if n in frozen)
+
+
+def linear_names(a: Architecture) -> tuple[str, ...]:
+    """Names of the nn.Linear layers the model's blocks hold (a mixture of experts whose every
+    block is sparse has no dense gate/up/down projections)."""
+    if a.meta is not None:
+        return tuple(sorted({n for n, _, _, _ in a.meta.all_linears}))
+    return tuple(dict.fromkeys(name for _, sparse in _layer_kinds(a) for name, _, _, _ in linear_shapes(a, sparse)))
 
 
 def block_linear_weights(a: Architecture) -> int:

@@ -10,6 +10,7 @@ from typing import Callable
 from compiler.diagnostics import Diagnostic
 from compiler.estimation.catalog import ModelFacts, hardware_catalog, load_accelerator
 from compiler.estimation.families import FAMILIES
+from compiler.estimation.params import architecture, linear_names
 from compiler.loading.recipe import FreezeAdapter, FullAdapter, LoraAdapter, PretrainedModel, Recipe, ScratchModel
 from compiler.rules.context import Context, Key, model_facts, q, suggest, tokenizer_format
 
@@ -128,7 +129,7 @@ def _check_adapters(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
     experts = FAMILIES[facts.family].expert_parameters
     for key, adapter in _adapters(ctx.recipe):
         if isinstance(adapter, LoraAdapter) and isinstance(adapter.targets, list):
-            known = facts.linear_modules
+            known = linear_names(architecture(facts))
             for i, target in enumerate(adapter.targets):
                 if target not in known and target in experts:
                     out.append(ctx.error(
