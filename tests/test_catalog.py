@@ -17,8 +17,9 @@ MODELS_DIR = REPO / "specs" / "models"
 HARDWARE_DIR = REPO / "specs" / "hardware"
 
 MODEL_KEYS = ["name", "hub", "aliases", "family", "parameters", "lora_targets", "chat_template", "license", "config"]
-FAMILIES = {"gpt2", "llama", "mistral", "qwen2", "chatglm"}
-NATIVE_FAMILIES = {"gpt2", "llama", "mistral", "qwen2"}  # implemented by transformers itself
+NATIVE_FAMILIES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text", "phi3", "olmo2",
+                   "mixtral", "qwen3_moe", "qwen2_moe"}  # implemented by transformers itself
+FAMILIES = NATIVE_FAMILIES | {"chatglm"}
 CHAT_TEMPLATES = {"chatml", "llama3", "llama2", "chatglm3", "alpaca", ""}
 CHATGLM_MODULES = {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
 HARDWARE_KEYS = [

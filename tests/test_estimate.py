@@ -155,3 +155,64 @@ def test_activation_coefficients_follow_how_the_weights_are_held() -> None:
     torchao = _setup(precision="bf16", trainable_parameters=10, quantization="4bit", quantized_keeps_inputs=False)
     assert coefficient_keys(torchao)[0] == "bf16_pure_lora"
     assert coefficient_keys(_setup())[0] == "fp32"
+
+
+# One catalog model per family added for current decoders, two blocks each (the counts are per
+# block, so two blocks check the repetition without building 30B-parameter graphs).
+_FAMILY_MODELS = ["llama-3.2-1b", "qwen3-4b", "gemma-2-2b", "gemma-3-1b", "phi-4-mini", "olmo-2-7b", "smollm3-3b",
+                  "mistral-nemo-12b", "mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"]
+
+
+def _two_blocks(name: str) -> ModelFacts:
+    facts = load_model_facts(name)
+    config = dict(facts.config, num_hidden_layers=2)
+    if "max_window_layers" in config:
+        config["max_window_layers"] = 2
+    return ModelFacts(name=name, family=facts.family, config=config)
+
+
+def _meta(facts: ModelFacts):
+    config = dict(facts.config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", _FAMILY_MODELS)
+def test_adapter_counts_of_current_families_equal_peft(name: str) -> None:
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    from compiler.estimation.params import all_linear_names, freeze_parameters
+
+    facts = _two_blocks(name)
+    a = architecture(facts)
+    # "all-linear" as the runtime receives it: peft's own for a dense model, the resolved list for
+    # a mixture of experts (router and routed experts frozen).
+    resolved = list(all_linear_names(a) or ()) or "all-linear"
+    pairs = ["qkv_proj"] if facts.family == "phi3" else ["q_proj", "v_proj"]
+    for targets, sent in (("all-linear", resolved), (pairs, pairs)):
+        model = get_peft_model(_meta(facts), LoraConfig(r=8, lora_alpha=16, target_modules=sent))
+        assert lora_parameters(a, 8, targets) == _trainable(model), targets
+    for projection in (False, True):
+        hidden = 64 if projection else None
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16, prefix_projection=projection,
+                                    encoder_hidden_size=hidden)
+        assert prefix_parameters(a, 16, projection, hidden) == _trainable(get_peft_model(_meta(facts), config))
+    last_block = sum(p.numel() for p in _meta(facts).model.layers[-1].parameters())
+    assert freeze_parameters(a, 1, False) == last_block
+
+
+# The model cards round these to 12.9B and 3.3B active.
+@pytest.mark.parametrize(("name", "active"), [("mixtral-8x7b", 12_879_925_248),
+                                                         ("qwen3-30b-a3b", 3_353_032_704)])
+def test_active_parameters_of_mixtures_of_experts(name: str, active: int) -> None:
+    from compiler.estimation.params import active_parameters, expert_parameters
+
+    a = architecture(load_model_facts(name))
+    # Independent: every parameter but the routed experts the router leaves idle.
+    idle = a.layers * (a.experts - a.experts_per_token) * 3 * a.hidden * a.expert_intermediate
+    assert active_parameters(a) == parameters(a).total - idle == active
+    assert expert_parameters(a) == 3 * a.hidden * a.expert_intermediate

@@ -1,8 +1,9 @@
 """The tokenizer the compiler measures with; the same JSON file is shipped to the runtime.
 
 Sources: tiktoken ranks (converted once, cached), a GGUF checkpoint's embedded tokenizer
-(rebuilt once, cached), or a local folder with tokenizer.json. A hub tokenizer is not fetched at
-compile time; the compiler then plans without measuring and says so.
+(rebuilt once, cached), a local folder with tokenizer.json, or a hub repository's tokenizer files
+(fetched into the Hugging Face cache). When none can be had, the compiler plans without
+measuring and says so.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from compiler.data.assets import asset_path
+from compiler.data.hub import hub_tokenizer_folder
 from compiler.data.tokenizer_convert import tiktoken_to_tokenizer_json
 from compiler.diagnostics import RecipeError
+from compiler.estimation.catalog import catalog_name_for_hub
 from compiler.loading.loader import LoadedRecipe
 from compiler.loading.recipe import PretrainedModel
 from compiler.rules.context import resolve_data_path, tokenizer_format
@@ -112,6 +115,11 @@ def folder_encoder(folder: Path, source: str) -> Encoder:
     )
 
 
+def _hub_encoder(repo: str, revision: str | None, network: bool) -> Encoder | None:
+    folder = hub_tokenizer_folder(repo, revision, network)
+    return folder_encoder(folder, f"hub:{repo}") if folder is not None else None
+
+
 def recipe_encoder(loaded: LoadedRecipe, assets: dict[str, AssetSpec]) -> Encoder | None:
     """The tokenizer a recipe's data is measured with: [tokenizer], else the pretrained model's
     own; None when it is only on the hub (the compiler then plans without measuring)."""
@@ -126,7 +134,7 @@ def recipe_encoder(loaded: LoadedRecipe, assets: dict[str, AssetSpec]) -> Encode
         if tok is not None and tok.path is not None:
             return folder_encoder(resolve_data_path(loaded.path, tok.path), tok.path)
         if tok is not None and tok.hub is not None:
-            return None
+            return _hub_encoder(tok.hub, None, network=True)
         model = r.model
         if isinstance(model, PretrainedModel):
             if model.asset is not None and assets[model.asset].filename.endswith(".gguf"):
@@ -135,6 +143,11 @@ def recipe_encoder(loaded: LoadedRecipe, assets: dict[str, AssetSpec]) -> Encode
                 folder = resolve_data_path(loaded.path, model.path)
                 if (folder / "tokenizer.json").is_file():
                     return folder_encoder(folder, model.path)
+            if model.hub is not None:
+                # The hub is asked only when the architecture came from it too; a catalog entry
+                # plans offline and uses the tokenizer when the Hugging Face cache has it.
+                from_hub = model.catalog is None and model.config is None and catalog_name_for_hub(model.hub) is None
+                return _hub_encoder(model.hub, model.revision, network=from_hub)
         return None
     except AssetError as exc:
         raise RecipeError.single(str(exc), **loaded.where(("tokenizer",) if tok else ("model",))) from None

@@ -29,6 +29,7 @@ from compiler.loading.loader import LoadedRecipe, display_path
 from compiler.loading.overrides import Override
 from compiler.loading.recipe import ScratchModel, Stage, eval_dataset, stage_adapter, training, used_datasets
 from compiler.rules.context import Context, model_facts
+from compiler.rules.meta_rules import check_with_meta_model
 from compiler.rules.validate import validate
 from compiler.views.plan_md import render_markdown
 from runtime.contract.assets import load_catalog
@@ -70,6 +71,7 @@ def compile_recipe(path: Path, overrides: Sequence[Override] = ()) -> Build:
     assets = load_catalog()
     facts, _ = model_facts(Context(loaded, {n: a.filename for n, a in assets.items()}))
     assert facts is not None  # validate reported an unknown architecture already
+    meta_count, meta_check = check_with_meta_model(loaded, facts)
     encoder = recipe_encoder(loaded, assets)
     cap = _context_cap(recipe.model, facts)
     eval_data = eval_dataset(recipe)
@@ -84,7 +86,7 @@ def compile_recipe(path: Path, overrides: Sequence[Override] = ()) -> Build:
 
     n_positions = _n_positions(recipe.model, facts, prepared)
     vocab_size = encoder.vocab_size if isinstance(recipe.model, ScratchModel) else facts.vocab_size
-    arch = architecture(facts, vocab_size=vocab_size, n_positions=n_positions)
+    arch = architecture(facts, vocab_size=vocab_size, n_positions=n_positions, meta=meta_count)
     config = runtime_config(loaded, facts, arch, encoder, prepared, n_positions, eval_data)
     estimates = [_estimate(loaded, arch, facts.family, stage, prepared[spec.data], config)
                  for stage, spec in zip(recipe.stages, config.stages)]
@@ -101,6 +103,7 @@ def compile_recipe(path: Path, overrides: Sequence[Override] = ()) -> Build:
         facts=facts,
         arch=arch,
         total_parameters=parameters(arch),
+        meta_check=meta_check,
         prepared=prepared,
         estimates=estimates,
         encoder_source=encoder.source if encoder else None,

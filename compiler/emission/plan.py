@@ -11,7 +11,7 @@ from compiler.diagnostics import Diagnostic
 from compiler.emission.packing import packing_entry
 from compiler.estimation.catalog import ModelFacts
 from compiler.estimation.estimate import GIB
-from compiler.estimation.params import Architecture, ParameterCount
+from compiler.estimation.params import Architecture, ParameterCount, active_parameters
 from compiler.loading.loader import LoadedRecipe, display_path
 from compiler.loading.overrides import Override
 from compiler.views.plan_md import summary_line
@@ -22,6 +22,7 @@ from runtime.contract.packing import PACKED_KINDS
 if TYPE_CHECKING:
     from compiler.data.prepare import PreparedData
     from compiler.estimation.stages import StageEstimate
+    from compiler.rules.meta_rules import MetaCheck
 
 
 def build_plan(
@@ -31,6 +32,7 @@ def build_plan(
     facts: ModelFacts,
     arch: Architecture,
     total_parameters: ParameterCount,
+    meta_check: MetaCheck | None = None,
     prepared: dict[str, PreparedData],
     estimates: Sequence[StageEstimate],
     encoder_source: str | None,
@@ -52,6 +54,7 @@ def build_plan(
                     "total": est.total_parameters,
                     "trainable": est.trainable_parameters,
                     "trainable_fraction": round(est.trainable_parameters / est.total_parameters, 6),
+                    **({"active": active_parameters(arch)} if arch.sparse_layers else {}),
                 },
                 "epochs": stage.epochs if stage.max_steps is None else None,
                 "max_steps": stage.max_steps,
@@ -111,7 +114,9 @@ def build_plan(
                 "total": total_parameters.total,
                 "embedding": total_parameters.embedding,
                 "non_embedding": total_parameters.non_embedding,
+                **({"active": active_parameters(arch)} if arch.sparse_layers else {}),
             },
+            **_model_extras(arch, meta_check),
         },
         "tokenizer": encoder_source or "not available at compile time (loaded by the runtime)",
         "derived": derived,
@@ -130,6 +135,22 @@ def build_plan(
         "warnings": [d.message for d in warnings],
         "summary": summary_line(stages, totals, config.hardware.device),
     }
+
+
+def _model_extras(arch: Architecture, meta_check: MetaCheck | None) -> dict[str, Any]:
+    """Mixture-of-experts facts, and how the counts were obtained when a meta model was built."""
+    from compiler.rules.meta_rules import GENERIC_TERMS
+
+    out: dict[str, Any] = {}
+    if arch.sparse_layers:
+        out["experts"] = {"routed": arch.experts, "per_token": arch.experts_per_token,
+                          "expert_intermediate": arch.expert_intermediate, "sparse_layers": arch.sparse_layers,
+                          "shared_intermediate": arch.shared_intermediate}
+    if meta_check is not None and meta_check.checked:
+        out["counted_by"] = "meta model" if meta_check.generic else "formula, equal to the meta model"
+    if meta_check is not None and meta_check.generic:
+        out["generic_terms"] = list(GENERIC_TERMS)
+    return out
 
 
 _TOTAL_KEYS = ("min", "p50", "p90", "p95", "p99", "max")

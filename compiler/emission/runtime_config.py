@@ -15,7 +15,7 @@ from compiler.data.tokenizer import Encoder
 from compiler.diagnostics import Diagnostic
 from compiler.emission.packing import packs, training_items
 from compiler.estimation.catalog import ModelFacts
-from compiler.estimation.params import Architecture
+from compiler.estimation.params import Architecture, all_linear_names
 from compiler.loading.loader import LoadedRecipe, display_path
 from compiler.loading.recipe import (
     PpoStage,
@@ -96,7 +96,7 @@ def runtime_config(loaded: LoadedRecipe, facts: ModelFacts, arch: Architecture, 
                                 hub=None if encoder else (r.tokenizer.hub if r.tokenizer and r.tokenizer.hub else getattr(model, "hub", None)),
                                 eos_token=eos, pad_token=pad),
         data=data,
-        stages=tuple(_stage_spec(loaded, s, training_items(packs(training(r, s), s), prepared[stage_dataset(r, s)]))
+        stages=tuple(_stage_spec(loaded, s, training_items(packs(training(r, s), s), prepared[stage_dataset(r, s)]), arch)
                      for s in r.stages),
         eval=_eval_spec(loaded, prepared, eval_data),
         hardware=HardwareSpec(device=hw.device, gpu=hw.gpu, nproc_per_node=hw.nproc_per_node, nodes=hw.nodes,
@@ -160,12 +160,16 @@ def _micro_batch_key(loaded: LoadedRecipe, index: int) -> tuple[str | int, ...]:
     return ("stages", index)
 
 
-def _adapter_spec(adapter) -> AdapterSpec:
+def _adapter_spec(adapter, arch: Architecture) -> AdapterSpec:
     params = adapter.model_dump(mode="json", exclude={"kind"})
+    if params.get("targets") == "all-linear" and all_linear_names(arch) is not None:
+        # A mixture of experts: peft's "all-linear" would also adapt the router and the routed
+        # experts' 3-D tensors; the resolved list adapts the model's linear layers only.
+        params["targets"] = list(all_linear_names(arch))
     return AdapterSpec(kind=adapter.kind, params=params)
 
 
-def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int) -> StageSpec:
+def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int, arch: Architecture) -> StageSpec:
     r = loaded.recipe
     t = training(r, stage)
     steps = planned_steps(t, n_train, r.hardware.nodes * r.hardware.nproc_per_node, stage)
@@ -177,7 +181,7 @@ def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int) -> StageSpec:
         kind=stage.kind,
         data=stage_dataset(r, stage),
         start=stage.start,
-        adapter=_adapter_spec(stage_adapter(r, stage)),
+        adapter=_adapter_spec(stage_adapter(r, stage), arch),
         epochs=t.epochs,
         max_steps=t.max_steps,
         micro_batch_size=t.micro_batch_size,

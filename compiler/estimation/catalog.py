@@ -14,26 +14,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from compiler.estimation.families import FAMILIES, family_of, text_config
 from runtime.contract.paths import specs_dir
-
-# The nn.Linear (Conv1D for GPT-2) modules inside one decoder block, by family, as peft names them.
-BLOCK_LINEAR_MODULES: dict[str, tuple[str, ...]] = {
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "chatglm": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-}
-# Sub-modules of a block that freeze.trainable_modules may name.
-BLOCK_SUBMODULES: dict[str, tuple[str, ...]] = {
-    "gpt2": ("attn", "mlp", "ln_1", "ln_2"),
-    "llama": ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
-    "mistral": ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
-    "qwen2": ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"),
-    "chatglm": ("self_attention", "mlp", "input_layernorm", "post_attention_layernorm"),
-}
-FAMILY_OF_MODEL_TYPE = {"gpt2": "gpt2", "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "chatglm": "chatglm"}
-
 
 class CatalogError(Exception):
     """A catalog file or config.json that cannot be used; the message says which and why."""
@@ -85,15 +67,20 @@ class ModelFacts:
 
     @property
     def max_positions(self) -> int:
-        return int(self._get("max_position_embeddings", "seq_length", "n_positions"))
+        return int(self._get("max_position_embeddings", "seq_length", "n_positions", "max_seq_len", default=0) or 0)
+
+    @property
+    def modelled(self) -> bool:
+        """True when the closed-form estimator knows this family; else planned from the meta model."""
+        return self.family in FAMILIES
 
     @property
     def linear_modules(self) -> tuple[str, ...]:
-        return BLOCK_LINEAR_MODULES[self.family]
+        return FAMILIES[self.family].linear_modules if self.modelled else ()
 
     @property
     def block_submodules(self) -> tuple[str, ...]:
-        return BLOCK_SUBMODULES[self.family]
+        return FAMILIES[self.family].block_submodules if self.modelled else ()
 
 
 @cache
@@ -150,12 +137,18 @@ def facts_from_config_json(path: Path, shown: str | None = None) -> ModelFacts:
         raise CatalogError(f"{shown} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     if not isinstance(config, dict):
         raise CatalogError(f"{shown} must hold a JSON object")
+    return facts_from_config(config, path.parent.name or path.stem, shown)
+
+
+def facts_from_config(config: dict[str, Any], name: str, shown: str, hub: str | None = None) -> ModelFacts:
+    """Architecture facts of a config.json's contents. A model_type without formulas is accepted
+    here (the generic family); compile builds it on the meta device and refuses what transformers
+    does not implement."""
     model_type = config.get("model_type")
-    family = FAMILY_OF_MODEL_TYPE.get(model_type)
-    if family is None:
-        known = ", ".join(sorted(FAMILY_OF_MODEL_TYPE))
-        raise CatalogError(f"{shown}: model_type {json.dumps(model_type)} is not a supported architecture ({known})")
-    return ModelFacts(name=path.parent.name or path.stem, family=family, config=config)
+    if not isinstance(model_type, str) or not model_type:
+        raise CatalogError(f"{shown} has no model_type; it is not a Hugging Face model config.json")
+    config = text_config(config)
+    return ModelFacts(name=name, family=family_of(config), config=config, hub=hub)
 
 
 @dataclass(frozen=True)
@@ -189,7 +182,7 @@ def load_accelerator(name: str) -> Accelerator:
 
 
 # Catalog families whose block structure the calibrated activation coefficients describe.
-_ACTIVATION_FAMILY = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "chatglm": "llama"}
+_ACTIVATION_FAMILY = {"gpt2": "gpt2"}  # every other family: the Llama-block fits
 
 
 @cache

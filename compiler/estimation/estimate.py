@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from compiler.estimation.params import Architecture, block_parameters, linear_shapes
+from compiler.estimation.params import Architecture, block_linear_weights, block_parameters, linear_shapes
 
 GIB = 1024**3
 
@@ -182,7 +182,7 @@ def activation_bytes(a: Architecture, st: TrainSetup) -> int:
     """Activations saved for the backward pass of one micro-batch, all layers."""
     c = next((st.coefficients[k] for k in coefficient_keys(st) if k in st.coefficients), KORTHIKANTI)
     tokens = st.seq_len * st.micro_batch_size * st.sequences_per_example
-    per_token_layer = (c.per_hidden * a.hidden + c.per_intermediate * a.intermediate + c.per_kv * a.kv_width
+    per_token_layer = (c.per_hidden * a.hidden + c.per_intermediate * a.active_intermediate + c.per_kv * a.kv_width
                        + c.per_position * st.seq_len + (c.dropout_per_hidden * a.hidden if st.dropout else 0)
                        + c.lora_dropout_per_input * st.lora_dropout_inputs)
     if not st.coefficients:  # Korthikanti counts 2-byte values; scale to the working width
@@ -281,7 +281,7 @@ def quantized_parameters(a: Architecture, st: TrainSetup) -> int:
     norms and biases stay at the working width (bitsandbytes replaces nn.Linear only)."""
     if st.quantization == "none":
         return 0
-    blocks = a.layers * sum(i * o for _, i, o, _ in linear_shapes(a))
+    blocks = block_linear_weights(a)
     head = a.vocab_size * a.hidden if st.quantized_head and not a.tied_embeddings else 0
     return blocks + head
 

@@ -9,11 +9,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compiler.estimation.catalog import ModelFacts
+from compiler.estimation.families import FAMILIES, all_linear_targets
+
+
+@dataclass(frozen=True)
+class MetaCount:
+    """Counts read off the model transformers builds on the meta device, for a family without
+    formulas: the totals, and the shapes of one block's linear layers."""
+
+    total: int
+    embedding: int
+    per_layer: int  # the first block's
+    linears: tuple[tuple[str, int, int, bool], ...]  # the first block's nn.Linear layers
+    all_linears: tuple[tuple[str, int, int, bool], ...]  # every block's, in order
+    expert_tensors: bool  # the blocks hold 3-D expert tensors (a mixture of experts)
 
 
 @dataclass(frozen=True)
 class Architecture:
-    family: str  # gpt2, llama, mistral, qwen2, chatglm
+    family: str  # a key of compiler.estimation.families.FAMILIES, or "generic"
     vocab_size: int
     hidden: int
     layers: int
@@ -24,6 +38,14 @@ class Architecture:
     tied_embeddings: bool
     qkv_bias: bool
     positions: int  # learned position embeddings (GPT-2); rotary families have none
+    norms_per_block: int = 2
+    qk_norm: str = "none"  # none, head (over head_dim), full (over the q and kv widths)
+    experts: int = 0  # routed experts per sparse layer (0: a dense model)
+    experts_per_token: int = 0  # the router's top-k
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0  # width of the always-on shared expert (0: none)
+    sparse_layers: int = 0  # blocks whose MLP is the mixture of experts
+    meta: MetaCount | None = None  # set for the generic family: counts from the meta model
 
     @property
     def q_width(self) -> int:
@@ -34,22 +56,45 @@ class Architecture:
         """Width of one of K or V: grouped-query and multi-query attention make it narrower than Q."""
         return self.kv_heads * self.head_dim
 
+    @property
+    def dense_layers(self) -> int:
+        return self.layers - self.sparse_layers
 
-def architecture(facts: ModelFacts, vocab_size: int | None = None, n_positions: int | None = None) -> Architecture:
+    @property
+    def active_intermediate(self) -> int:
+        """MLP width one token passes through in a typical block (top-k experts plus the shared one)."""
+        if self.sparse_layers:
+            return self.experts_per_token * self.expert_intermediate + self.shared_intermediate
+        return self.intermediate
+
+
+def architecture(facts: ModelFacts, vocab_size: int | None = None, n_positions: int | None = None,
+                 meta: MetaCount | None = None) -> Architecture:
     """The shape facts of `facts`; `vocab_size` / `n_positions` override them (a scratch model sized
-    from its tokenizer and token budget)."""
+    from its tokenizer and token budget); `meta` carries the meta model's counts (generic family)."""
     c = facts.config
     h = facts.hidden_size
+    fam = FAMILIES.get(facts.family)
     if facts.family == "gpt2":
         intermediate = c.get("n_inner") or 4 * h
     elif facts.family == "chatglm":
         intermediate = c["ffn_hidden_size"]
     else:
-        intermediate = c["intermediate_size"]
-    tied = c.get("tie_word_embeddings", facts.family == "gpt2")
-    qkv_bias = {"gpt2": True, "qwen2": True, "chatglm": bool(c.get("add_qkv_bias"))}.get(
-        facts.family, bool(c.get("attention_bias", False))
-    )
+        intermediate = c.get("intermediate_size") or 4 * h
+    tied = c.get("tie_word_embeddings", fam.tied_default if fam else True)
+    if fam is not None and fam.qkv_bias is not None:
+        qkv_bias = fam.qkv_bias
+    elif facts.family == "chatglm":
+        qkv_bias = bool(c.get("add_qkv_bias"))
+    else:
+        qkv_bias = bool(c.get("attention_bias", False))
+    experts = top_k = expert_i = shared_i = sparse = 0
+    if fam is not None and fam.moe != "none" and meta is None:
+        experts = int(c.get("num_local_experts") or c.get("num_experts"))
+        top_k = int(c["num_experts_per_tok"])
+        expert_i = int(c["intermediate_size"] if fam.moe == "mixtral" else c["moe_intermediate_size"])
+        shared_i = int(c.get("shared_expert_intermediate_size", 0)) if fam.shared_expert else 0
+        sparse = _sparse_layers(c, facts.num_layers) if fam.moe == "qwen" else facts.num_layers
     return Architecture(
         family=facts.family,
         vocab_size=vocab_size or facts.vocab_size,
@@ -62,19 +107,49 @@ def architecture(facts: ModelFacts, vocab_size: int | None = None, n_positions: 
         tied_embeddings=bool(tied),
         qkv_bias=qkv_bias,
         positions=(n_positions or facts.max_positions) if facts.family == "gpt2" else 0,
+        norms_per_block=fam.norms_per_block if fam else 2,
+        qk_norm=fam.qk_norm if fam else "none",
+        experts=experts,
+        experts_per_token=top_k,
+        expert_intermediate=expert_i,
+        shared_intermediate=shared_i,
+        sparse_layers=sparse,
+        meta=meta,
     )
 
 
-def linear_shapes(a: Architecture) -> list[tuple[str, int, int, bool]]:
-    """(module name, in features, out features, has bias) of every linear layer in one block."""
+def _sparse_layers(c: dict, layers: int) -> int:
+    """Qwen-MoE blocks with experts: every decoder_sparse_step-th one not in mlp_only_layers."""
+    step = int(c.get("decoder_sparse_step", 1) or 1)
+    dense = set(c.get("mlp_only_layers") or ())
+    return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
+
+
+def linear_shapes(a: Architecture, sparse: bool | None = None) -> list[tuple[str, int, int, bool]]:
+    """(module name, in features, out features, has bias) of every nn.Linear in one block: a
+    mixture-of-experts block (`sparse`, the default when the model has one) holds its routed
+    experts as 3-D tensors, so only attention and the shared expert are linear layers there."""
+    if a.meta is not None:
+        return list(a.meta.linears)
     h, q, kv, i = a.hidden, a.q_width, a.kv_width, a.intermediate
     if a.family == "gpt2":
         return [("c_attn", h, 3 * h, True), ("c_proj", h, h, True), ("c_fc", h, i, True), ("c_proj", i, h, True)]
     if a.family == "chatglm":
         return [("query_key_value", h, q + 2 * kv, a.qkv_bias), ("dense", q, h, False),
                 ("dense_h_to_4h", h, 2 * i, False), ("dense_4h_to_h", i, h, False)]
-    return [("q_proj", h, q, a.qkv_bias), ("k_proj", h, kv, a.qkv_bias), ("v_proj", h, kv, a.qkv_bias),
-            ("o_proj", q, h, False), ("gate_proj", h, i, False), ("up_proj", h, i, False), ("down_proj", i, h, False)]
+    if a.family == "phi3":
+        return [("qkv_proj", h, q + 2 * kv, False), ("o_proj", q, h, False),
+                ("gate_up_proj", h, 2 * i, False), ("down_proj", i, h, False)]
+    attention = [("q_proj", h, q, a.qkv_bias), ("k_proj", h, kv, a.qkv_bias), ("v_proj", h, kv, a.qkv_bias),
+                 ("o_proj", q, h, False)]
+    if sparse is None:
+        sparse = a.sparse_layers > 0
+    if sparse:
+        s = a.shared_intermediate
+        shared = [("gate_proj", h, s, False), ("up_proj", h, s, False), ("down_proj", s, h, False),
+                  ("shared_expert_gate", h, 1, False)] if s else []
+        return attention + shared
+    return attention + [("gate_proj", h, i, False), ("up_proj", h, i, False), ("down_proj", i, h, False)]
 
 
 def _norm_params(a: Architecture) -> int:
@@ -82,9 +157,28 @@ def _norm_params(a: Architecture) -> int:
     return 2 * a.hidden if a.family == "gpt2" else a.hidden
 
 
-def block_parameters(a: Architecture) -> int:
-    linears = sum(i * o + (o if bias else 0) for _, i, o, bias in linear_shapes(a))
-    return linears + 2 * _norm_params(a)
+def _qk_norm_params(a: Architecture) -> int:
+    if a.qk_norm == "head":
+        return 2 * a.head_dim
+    if a.qk_norm == "full":
+        return a.q_width + a.kv_width
+    return 0
+
+
+def expert_parameters(a: Architecture) -> int:
+    """One routed expert: gate, up and down projections."""
+    return 3 * a.hidden * a.expert_intermediate
+
+
+def block_parameters(a: Architecture, sparse: bool | None = None) -> int:
+    """One block (by default a typical one: sparse when the model has experts)."""
+    if a.meta is not None:
+        return a.meta.per_layer
+    if sparse is None:
+        sparse = a.sparse_layers > 0
+    linears = sum(i * o + (o if bias else 0) for _, i, o, bias in linear_shapes(a, sparse))
+    experts = a.experts * expert_parameters(a) + a.experts * a.hidden if sparse else 0  # + the router
+    return linears + experts + a.norms_per_block * _norm_params(a) + _qk_norm_params(a)
 
 
 @dataclass(frozen=True)
@@ -100,18 +194,66 @@ class ParameterCount:
 
 def parameters(a: Architecture) -> ParameterCount:
     """Every parameter of the model, counting tied input/output embeddings once."""
+    if a.meta is not None:
+        return ParameterCount(total=a.meta.total, embedding=a.meta.embedding, per_layer=a.meta.per_layer)
     embedding = a.vocab_size * a.hidden + a.positions * a.hidden
     if not a.tied_embeddings:
         embedding += a.vocab_size * a.hidden  # the LM head
     per_layer = block_parameters(a)
-    total = embedding + a.layers * per_layer + _norm_params(a)  # + final norm
+    blocks = a.sparse_layers * block_parameters(a, True) + a.dense_layers * block_parameters(a, False)
+    total = embedding + blocks + _norm_params(a)  # + final norm
     return ParameterCount(total=total, embedding=embedding, per_layer=per_layer)
+
+
+def active_parameters(a: Architecture) -> int:
+    """Parameters one token passes through: all but the routed experts the router does not pick."""
+    idle = a.sparse_layers * (a.experts - a.experts_per_token) * expert_parameters(a)
+    return parameters(a).total - idle
+
+
+def _layer_kinds(a: Architecture) -> list[tuple[int, bool]]:
+    """(number of blocks, sparse) for the dense and the mixture-of-experts blocks."""
+    return [(n, sparse) for n, sparse in ((a.dense_layers, False), (a.sparse_layers, True)) if n]
+
+
+def all_linear_names(a: Architecture) -> tuple[str, ...] | None:
+    """The module names "all-linear" resolves to in a mixture of experts (its nn.Linear layers,
+    not the router or the routed experts' 3-D tensors, which peft's own "all-linear" would also
+    adapt); None for a dense model, where peft's "all-linear" means exactly its linear layers."""
+    if a.meta is not None:
+        return tuple(sorted({n for n, _, _, _ in a.meta.all_linears})) if a.meta.expert_tensors else None
+    frozen = all_linear_targets(a.family)
+    if frozen is None:
+        return None
+    return tuple(n for n in linear_names(a) if n in frozen)
+
+
+def linear_names(a: Architecture) -> tuple[str, ...]:
+    """Names of the nn.Linear layers the model's blocks hold (a mixture of experts whose every
+    block is sparse has no dense gate/up/down projections)."""
+    if a.meta is not None:
+        return tuple(sorted({n for n, _, _, _ in a.meta.all_linears}))
+    return tuple(dict.fromkeys(name for _, sparse in _layer_kinds(a) for name, _, _, _ in linear_shapes(a, sparse)))
+
+
+def block_linear_weights(a: Architecture) -> int:
+    """Weight-matrix parameters of every block's nn.Linear layers (what bitsandbytes quantizes)."""
+    if a.meta is not None:
+        return sum(i * o for _, i, o, _ in a.meta.all_linears)
+    return sum(n * sum(i * o for _, i, o, _ in linear_shapes(a, sparse)) for n, sparse in _layer_kinds(a))
 
 
 def lora_parameters(a: Architecture, rank: int, targets: list[str] | str) -> int:
     """Adapter weights: A (rank x in) and B (out x rank) for each targeted linear in every block."""
-    chosen = [(i, o) for name, i, o, _ in linear_shapes(a) if targets == "all-linear" or name in targets]
-    return a.layers * sum(rank * (i + o) for i, o in chosen)
+    if targets == "all-linear":
+        targets = all_linear_names(a) or "all-linear"  # a mixture of experts: its gates stay frozen
+    if a.meta is not None:
+        return sum(rank * (i + o) for name, i, o, _ in a.meta.all_linears if targets == "all-linear" or name in targets)
+    total = 0
+    for n, sparse in _layer_kinds(a):
+        chosen = [(i, o) for name, i, o, _ in linear_shapes(a, sparse) if targets == "all-linear" or name in targets]
+        total += n * sum(rank * (i + o) for i, o in chosen)
+    return total
 
 
 def prefix_parameters(a: Architecture, virtual_tokens: int, projection: bool, projection_hidden: int | None) -> int:

@@ -22,6 +22,7 @@ from compiler.estimation.estimate import (
 )
 from compiler.estimation.params import (
     Architecture,
+    active_parameters,
     freeze_parameters,
     lora_parameters,
     parameters,
@@ -142,7 +143,9 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
         frozen_model_parameters=_frozen_models(stage, adapter, total.total), coefficients=_coefficients(family),
     )
     memory = train_memory(arch, setup)
-    flops = _stage_flops(arch, stage, total.non_embedding, trainable / total.total, tokens * sequences,
+    # A mixture of experts computes with the experts its router picks: FLOPs from active parameters.
+    active_non_embedding = active_parameters(arch) - total.embedding
+    flops = _stage_flops(arch, stage, active_non_embedding, min(1.0, trainable / total.total), tokens * sequences,
                          supervised * sequences, mean_seq_len)
     device = device_facts(recipe)
     fits = None if device.memory_gib is None else memory.peak_bytes <= device.memory_gib * GIB

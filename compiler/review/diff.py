@@ -15,6 +15,8 @@ from typing import Any
 STAGE_FIGURES = (
     ("n_positions", ("tokens", "n_positions"), ""),
     ("train tokens", ("train_tokens",), ""),
+    ("total params", ("params", "total"), ""),
+    ("active params", ("params", "active"), ""),
     ("trainable params", ("params", "trainable"), ""),
     ("peak memory", ("memory", "peak_gib"), " GiB"),
     ("headroom", ("memory", "headroom_gib"), " GiB"),

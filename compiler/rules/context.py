@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from compiler.data.hub import HubError, hub_config
 from compiler.diagnostics import Diagnostic, did_you_mean
 from compiler.estimation.catalog import (
     CatalogError,
     ModelFacts,
     catalog_name_for_hub,
+    facts_from_config,
     facts_from_config_json,
     load_model_facts,
     model_catalog,
@@ -91,6 +93,12 @@ def model_facts(ctx: Context) -> tuple[ModelFacts | None, list[Diagnostic]]:
     found = catalog_name_for_hub(model.hub) if model.hub else None
     if found is not None:
         return load_model_facts(found), []
+    if model.hub is not None:
+        try:
+            return facts_from_config(hub_config(model.hub, model.revision), model.hub, f"config.json of {model.hub}",
+                                     hub=model.hub), []
+        except (HubError, CatalogError) as exc:
+            return None, [ctx.error(str(exc), ("model", "hub"))]
     source = f"model.hub = {q(model.hub)}" if model.hub else f"model.asset = {q(model.asset)}"
     return None, [
         ctx.error(

@@ -9,6 +9,8 @@ from typing import Callable
 
 from compiler.diagnostics import Diagnostic
 from compiler.estimation.catalog import ModelFacts, hardware_catalog, load_accelerator
+from compiler.estimation.families import FAMILIES
+from compiler.estimation.params import architecture, linear_names
 from compiler.loading.recipe import FreezeAdapter, FullAdapter, LoraAdapter, PretrainedModel, Recipe, ScratchModel
 from compiler.rules.context import Context, Key, model_facts, q, suggest, tokenizer_format
 
@@ -121,14 +123,22 @@ def _adapters(recipe: Recipe) -> list[tuple[Key, object]]:
 
 
 def _check_adapters(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
-    if facts is None:
-        return []
+    if facts is None or not facts.modelled:
+        return []  # a family without formulas: compile checks its meta model's module names
     out = []
+    experts = FAMILIES[facts.family].expert_parameters
     for key, adapter in _adapters(ctx.recipe):
         if isinstance(adapter, LoraAdapter) and isinstance(adapter.targets, list):
-            known = facts.linear_modules
+            known = linear_names(architecture(facts))
             for i, target in enumerate(adapter.targets):
-                if target not in known:
+                if target not in known and target in experts:
+                    out.append(ctx.error(
+                        f"{'.'.join(map(str, key))}.targets names {q(target)}: in {facts.family} the routed experts' "
+                        f"{target} is one 3-D tensor for all experts, not a linear layer, so LoRA cannot target it",
+                        key + ("targets",),
+                        f"target the attention projections ({', '.join(known)}), or use kind = \"full\"",
+                    ))
+                elif target not in known:
                     out.append(ctx.error(
                         f"{'.'.join(map(str, key))}.targets names {q(target)}, which is not a linear layer of "
                         f"{facts.family} blocks",

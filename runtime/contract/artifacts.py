@@ -59,6 +59,7 @@ class _Read(BaseModel):
 class PlanParams(_Read):
     total: int | None = None
     trainable: int | None = None
+    active: int | None = None  # mixture of experts: parameters one token passes through
 
 
 class PlanMemory(_Read):

@@ -43,7 +43,7 @@ class WeightsSpec(_Frozen):
 
 class ModelSpec(_Frozen):
     init: Literal["scratch", "pretrained"]
-    family: Literal["gpt2", "llama", "mistral", "qwen2", "chatglm"]
+    family: str  # the architecture family the plan used (gpt2, llama, qwen3, mixtral, ..., or generic)
     # The architecture as config.json fields (for scratch: what the model is built from).
     config: dict[str, Any]
     weights: WeightsSpec | None
