@@ -7,6 +7,7 @@ pydantic only, no torch.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -104,12 +105,14 @@ class StageSpec(_Frozen):
     optimizer: Literal["adamw", "adamw_8bit", "sgd", "adafactor"]
     adam_betas: tuple[float, float]
     adam_eps: float
+    momentum: float  # sgd
     log_every_steps: int
     eval_every_steps: int | None
     save_every_steps: int | None
     keep_checkpoints: int
     length_grouping: bool
     packing: bool
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...]  # experiment trackers, rank 0 logs
     params: dict[str, Any] = Field(default_factory=dict)  # kind-specific (beta, kl_coef, ...)
 
 
@@ -177,10 +180,21 @@ def unsupported(config: RuntimeConfig) -> list[str]:
             out.append(f"{where} asks for adamw_8bit (bitsandbytes); this runtime has adamw, sgd and adafactor")
         if stage.packing:
             out.append(f"{where} asks for packing; this runtime batches by length instead (set packing = false)")
+        if stage.kind == "ppo" and stage.eval_every_steps:
+            out.append(f"{where} is ppo, whose held-out measure is the reward of sampled completions, reported "
+                       "before and after the stage; eval_every_steps is for stages with a held-out loss (remove it)")
+        for tracker in stage.report_to:
+            if importlib.util.find_spec(TRACKER_MODULES[tracker]) is None:
+                out.append(f'{where} reports to {tracker}, which is not installed: pip install "recipe[{tracker}]" '
+                           f"(or remove it from train.report_to)")
         data = config.data[stage.data]
         if not data.tokenized:
             out.append(f'data set "{stage.data}" was not tokenized at compile time (the tokenizer was not available)')
     return out
+
+
+# The module each experiment tracker (`report_to`) needs; installed by the extra of the same name.
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def uses_deepspeed(hw: HardwareSpec) -> bool:

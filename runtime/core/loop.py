@@ -4,7 +4,8 @@ pieces it shares with PPO's loop, which samples its own data (runtime/stages/ppo
   stage_steps           how many steps a stage takes: the plan's formula (runtime.contract.steps)
   check_planned_steps   refuse a build whose plan.json counts other steps than this run would
   resume                continue a stage from the run's checkpoint, when it belongs to the stage
-  StageLog              metrics.jsonl, the progress bar or log line, tokens and time
+  StageLog              metrics.jsonl, the trackers (`report_to`), the progress bar or log line,
+                        tokens and time
   checkpoint_if_due     a checkpoint every `save_every_steps`
   stage_report          what the stage did, for done.json and train_report.json
 """
@@ -28,9 +29,11 @@ from runtime.core.backend import make_backend
 from runtime.core.checkpoint import Checkpointable, CheckpointError, TrainState, load_rng_state, save_checkpoint
 from runtime.core.data import count_rows, length_grouped_batches
 from runtime.core.distributed import Dist, all_ranks_sum, autocast, peak_memory_gib, peak_rss_gib
+from runtime.core.evaluation import HeldoutLoss
 from runtime.core.model import count_parameters
 from runtime.core.objective import Objective
 from runtime.core.run import Run
+from runtime.core.trackers import open_trackers, scalars_of
 
 # ---------------------------------------------------------------------------------------------
 # how many steps
@@ -151,9 +154,11 @@ class StageLog:
         self.first: MetricsRecord | None = None
         self.final: MetricsRecord | None = None
         self.file = None
+        self.trackers = []
         if run.d.is_main:  # the first stage of a fresh run starts the file
             fresh = index == 0 and not start.resumed
             self.file = open(run.build_dir / METRICS_FILE, "w" if fresh else "a", encoding="utf-8")
+            self.trackers = open_trackers(run.build_dir, run.config.name, stage)
         self.progress = Progress(stage, steps, start.step, run.d.is_main)
         self.started = self.window_start = time.perf_counter()
         self.peak_memory_gib: float | None = None
@@ -175,13 +180,26 @@ class StageLog:
                                tokens_per_s=round(real / (now - self.window_start), 1), **memory)
         self.first = self.first or record
         self.final = record
-        if self.file:
-            self.file.write(dumps(record, indent=None))
-            self.file.flush()
+        self.write(record)
         eta = (now - self.started) / max(1, step - self.start.step) * (self.steps - step)
         self.progress.update(step, record, eta)
         self.window_start = now
         return record
+
+    def write(self, record: MetricsRecord) -> None:
+        """A row in metrics.jsonl, and the same scalars to every tracker (rank 0)."""
+        if self.file:
+            self.file.write(dumps(record, indent=None))
+            self.file.flush()
+        for tracker in self.trackers:
+            tracker.log(record.step, scalars_of(record))
+
+    def record_eval(self, step: int, eval_loss: float) -> None:
+        """A held-out evaluation's row: the stage, the step and `eval_loss`."""
+        self.write(MetricsRecord(stage=self.stage.name, step=step, eval_loss=eval_loss))
+        if self.progress.enabled:
+            print(f"[{self.stage.name}] step {step}/{self.steps} held-out loss {eval_loss:.4f}", file=sys.stderr,
+                  flush=True)
 
     def tick(self, step: int) -> None:
         """A step that is not logged: the progress bar moves on."""
@@ -195,6 +213,8 @@ class StageLog:
         self.progress.close()
         if self.file:
             self.file.close()
+        for tracker in self.trackers:
+            tracker.close()
         self.peak_memory_gib = peak_memory_gib(self.run.device)
         self.peak_rss_gib = round(peak_rss_gib(), 3)
         return self.elapsed_s()
@@ -255,6 +275,7 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
     backend = make_backend(run, stage, model, objective.loss, steps)
     start = resume(run, index, stage, steps, backend)
     log = StageLog(run, index, stage, steps, start)
+    evaluation = HeldoutLoss(stage, objective.heldout_rows, objective.collate)
     step, window = start.step, Window()
     groups_of: dict[int, list[list[list[int]]]] = {}  # the current epoch's step groups
     model.train()
@@ -288,6 +309,8 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
             window = Window()
         else:
             log.tick(step)
+        if evaluation.due(step, steps):
+            log.record_eval(step, evaluation.measure(step, backend.forward, model, run))
         next_epoch, next_group = divmod(step, per_epoch)
         checkpoint_if_due(run, index, stage, log, backend, step, epoch=next_epoch, batch=next_group * stage.grad_accum)
     wall_s = log.close()
@@ -296,5 +319,8 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
     if objective.heldout is not None and d.is_main:
         extra["heldout"] = heldout = objective.heldout()
         run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")
+    best = evaluation.best()
+    if best is not None:
+        extra.update(evaluations=len(evaluation.history), best_eval_step=best[0], best_eval_loss=best[1])
     report = stage_report(stage, log, wall_s, examples=len(rows), params=params, loss_unit=objective.unit, **extra)
     return trained, report

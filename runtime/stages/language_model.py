@@ -23,10 +23,12 @@ from runtime.core.run import Run
 def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
     """The language-model Objective: the stage's rows, the planned adapter on `model`, TokenLoss."""
     data = run.config.data[stage.data]
-    rows = read_training_rows(run.build_dir / data.train,
-                              supervise_prompt=stage.kind == "pretrain" or data.template.loss == "all")
+    supervise_prompt = stage.kind == "pretrain" or data.template.loss == "all"
+    rows = read_training_rows(run.build_dir / data.train, supervise_prompt=supervise_prompt)
+    heldout = read_training_rows(run.build_dir / data.heldout, supervise_prompt=supervise_prompt) \
+        if stage.eval_every_steps else ()
     model = apply_adapter(model, stage.adapter)
-    return Objective(rows=rows, loss=TokenLoss(model), model=model,
+    return Objective(rows=rows, loss=TokenLoss(model), model=model, heldout_rows=heldout,
                      collate=partial(collate_rows, pad_id=run.config.model.pad_token_id))
 
 

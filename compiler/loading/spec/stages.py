@@ -64,6 +64,10 @@ class TrainSection(Section):
     """Batch examples of similar length together, so little padding is computed."""
     packing: bool = False
     """Pack several examples into one sequence (attention kept separate per example)."""
+    report_to: Annotated[tuple[Literal["tensorboard", "wandb", "mlflow"], ...], Field(strict=False)] = ()
+    """Experiment trackers that get the metrics, the runtime config and the plan's headline numbers:
+    any of "tensorboard" (event files under runs/), "wandb", "mlflow". Each is an optional extra
+    (pip install "recipe[wandb]"); credentials come from the environment only."""
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:
@@ -71,6 +75,8 @@ class TrainSection(Section):
             raise ValueError("give epochs or max_steps, not both")
         if self.warmup_ratio is not None and "warmup_steps" in self.model_fields_set:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.report_to is not None and len(set(self.report_to)) != len(self.report_to):
+            raise ValueError("report_to names a tracker twice; list each once")
         return self
 
 
