@@ -321,6 +321,11 @@ class RunStage(_Written):
     loss: LossSummary
     truncation: Truncation | None
     heldout: Heldout | None
+    # the held-out loss during training (`eval_every_steps`): how often, the best step, the last value
+    evaluations: int | None = None
+    best_eval_step: int | None = None
+    best_eval_loss: float | None = None
+    last_eval_loss: float | None = None
 
 
 class RunTotals(_Written):

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from runtime.contract.artifacts import MetricsRecord, Plan, StageReport, dumps
+from runtime.contract.artifacts import MetricsRecord, Plan, StageReport, dumps, read_plan
 from runtime.contract.config import IncompatibleBuildError, RuntimeConfig, StageSpec
 from runtime.contract.layout import METRICS_FILE, PLAN_JSON
 from runtime.contract.steps import rollout_steps_per_epoch, steps_per_epoch, total_steps
@@ -114,8 +114,9 @@ class Progress:
 
     EXTRA = ("accuracy", "margin", "reward_mean", "kl")  # shown beside the loss when a stage logs them
 
-    def __init__(self, stage: StageSpec, total: int, start: int, enabled: bool):
+    def __init__(self, stage: StageSpec, total: int, start: int, enabled: bool, planned_tokens_per_s: float | None):
         self.stage, self.total, self.enabled = stage, total, enabled
+        self.planned = planned_tokens_per_s  # the plan's speed: shown as the ratio actual / planned
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -126,22 +127,34 @@ class Progress:
         if not self.enabled:
             return
         extra = {key: getattr(record, key) for key in self.EXTRA if getattr(record, key) is not None} if record else {}
+        ratio = record.tokens_per_s / self.planned if record and record.tokens_per_s and self.planned else None
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if record:
                 shown = {key: f"{value:.4f}" for key, value in extra.items()}
+                if ratio is not None:
+                    shown["vs_plan"] = f"{ratio:.2f}x"
                 self.bar.set_postfix(loss=f"{record.loss:.4f}", **shown, tok_s=f"{record.tokens_per_s:.0f}")
         elif record:
             shown = "".join(f" {key} {value:.4f}" for key, value in extra.items())
+            speed = f" ({ratio:.2f}x planned)" if ratio is not None else ""
             print(
                 f"[{self.stage.name}] step {step}/{self.total} loss {record.loss:.4f}{shown} lr {record.lr:.2e} "
-                f"{record.tokens_per_s:.0f} tok/s eta {eta_s:.0f}s",
+                f"{record.tokens_per_s:.0f} tok/s{speed} eta {eta_s:.0f}s",
                 file=sys.stderr, flush=True,
             )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def planned_tokens_per_s(run: Run, stage: StageSpec) -> float | None:
+    """The plan's training speed for `stage` (its tokens over its planned time), when it has both."""
+    planned = read_plan(run.build_dir / PLAN_JSON).stage(stage.name)
+    if planned is None or not planned.train_tokens or planned.compute is None or not planned.compute.wall_s:
+        return None
+    return planned.train_tokens / planned.compute.wall_s
 
 
 class StageLog:
@@ -159,7 +172,7 @@ class StageLog:
             fresh = index == 0 and not start.resumed
             self.file = open(run.build_dir / METRICS_FILE, "w" if fresh else "a", encoding="utf-8")
             self.trackers = open_trackers(run.build_dir, run.config.name, stage)
-        self.progress = Progress(stage, steps, start.step, run.d.is_main)
+        self.progress = Progress(stage, steps, start.step, run.d.is_main, planned_tokens_per_s(run, stage))
         self.started = self.window_start = time.perf_counter()
         self.peak_memory_gib: float | None = None
         self.peak_rss_gib: float | None = None
