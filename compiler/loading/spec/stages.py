@@ -55,7 +55,8 @@ class TrainSection(Section):
     log_every_steps: PositiveInt = 10
     """Write a metrics line every this many steps."""
     eval_every_steps: PositiveInt | None = None
-    """Compute the held-out loss every this many steps (default: at the end of each epoch)."""
+    """Compute the held-out loss every this many steps and after the last, into metrics.jsonl and
+    the trackers (default: not during training). Not for ppo stages."""
     save_every_steps: PositiveInt | None = None
     """Write a resumable checkpoint every this many steps (default: at the end of the stage)."""
     keep_checkpoints: PositiveInt = 2
