@@ -144,6 +144,13 @@ class Progress:
                 file=sys.stderr, flush=True,
             )
 
+    def note(self, line: str) -> None:
+        """A line of its own on rank 0's stderr (above the bar, on a terminal)."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        elif self.enabled:
+            print(line, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -210,9 +217,7 @@ class StageLog:
     def record_eval(self, step: int, eval_loss: float) -> None:
         """A held-out evaluation's row: the stage, the step and `eval_loss`."""
         self.write(MetricsRecord(stage=self.stage.name, step=step, eval_loss=eval_loss))
-        if self.progress.enabled:
-            print(f"[{self.stage.name}] step {step}/{self.steps} held-out loss {eval_loss:.4f}", file=sys.stderr,
-                  flush=True)
+        self.progress.note(f"[{self.stage.name}] step {step}/{self.steps} held-out loss {eval_loss:.4f}")
 
     def tick(self, step: int) -> None:
         """A step that is not logged: the progress bar moves on."""
