@@ -34,8 +34,8 @@ from typing import Any, Iterable, Mapping
 from runtime.contract.artifacts import (
     PLAN_FORMAT_VERSION, RUN_REPORT_FORMAT_VERSION, Comparison, EvalReport, HeldoutBeforeAfter, HeldoutMetrics,
     IncompatibleArtifactError, LossSummary, MemoryComparison, MetricsRecord, Plan, PlanStage, RunEval, RunReport,
-    RunStage, RunTotals, StageReport, TrainReport, Truncation, check_version, dumps, read_eval_report, read_metrics,
-    read_plan, read_run_report, read_train_report, to_data,
+    RunStage, RunTotals, StageReport, TrainReport, Truncation, check_version, dumps, read_eval_losses,
+    read_eval_report, read_metrics, read_plan, read_run_report, read_train_report, to_data,
 )
 from runtime.contract.files import write_atomic
 from runtime.contract.layout import (
@@ -142,7 +142,7 @@ def _truncation(plan_stage: PlanStage | None, plan: Plan) -> Truncation | None:
 
 
 def _stage_entry(name: str, plan_stage: PlanStage | None, report: StageReport | None, records: list[MetricsRecord],
-                 device: str | None, plan: Plan) -> RunStage:
+                 device: str | None, plan: Plan, evals: list[tuple[int, float]] = ()) -> RunStage:
     planned_wall = plan_stage.compute.wall_s if plan_stage is not None and plan_stage.compute else None
     planned_tokens = plan_stage.train_tokens if plan_stage is not None else None
     planned_rate = planned_tokens / planned_wall if planned_tokens is not None and planned_wall else None
@@ -177,7 +177,16 @@ def _stage_entry(name: str, plan_stage: PlanStage | None, report: StageReport | 
         loss=_loss(report, records),
         truncation=_truncation(plan_stage, plan),
         heldout=report.heldout if report is not None else None,
+        **_evaluations(evals),
     )
+
+
+def _evaluations(evals: list[tuple[int, float]]) -> dict[str, Any]:
+    """The held-out losses logged during training: their count, the best (lowest, earliest) and last."""
+    if not evals:
+        return {}
+    step, loss = min(evals, key=lambda point: (point[1], point[0]))
+    return {"evaluations": len(evals), "best_eval_step": step, "best_eval_loss": loss, "last_eval_loss": evals[-1][1]}
 
 
 def _totals(plan: Plan, stages: list[RunStage]) -> RunTotals:
@@ -214,11 +223,13 @@ def run_report(build_dir: Path) -> RunReport:
         metrics = read_metrics(build_dir / METRICS_FILE)
     except IncompatibleArtifactError as exc:
         raise RunReportError(str(exc)) from exc
+    evals = read_eval_losses(build_dir / METRICS_FILE)
     device = train.device if train.device is not None else (plan.hardware.device if plan.hardware else None)
     plan_stages = {s.name: s for s in plan.stages}
     ran = {s.stage: s for s in train.stages}
     names = list(dict.fromkeys([*plan_stages, *ran, *metrics]))  # plan order, then anything else that ran
-    stages = [_stage_entry(n, plan_stages.get(n), ran.get(n), metrics.get(n, []), device, plan) for n in names]
+    stages = [_stage_entry(n, plan_stages.get(n), ran.get(n), metrics.get(n, []), device, plan, evals.get(n, []))
+              for n in names]
     world = train.world_size
     if world is None and plan.hardware is not None:
         nodes, procs = plan.hardware.nodes, plan.hardware.nproc_per_node
@@ -262,10 +273,12 @@ def _smoothed(values: list[float]) -> list[float]:
 
 def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
     """Loss against step, one colour per stage, later stages continuing where earlier ones ended;
-    the logged points with a lightly smoothed line over them (from 8 points on). Returns None and
+    the logged points with a lightly smoothed line over them (from 8 points on), and the held-out
+    loss during training (`eval_every_steps`) dashed in the same colour. Returns None and
     writes nothing when no loss was logged. The PNG carries no software version or time, so the
     same metrics give the same bytes."""
     metrics = read_metrics(Path(metrics_path))
+    evals = read_eval_losses(Path(metrics_path))
     if not metrics:
         return None
     # Imported here so that reading or building a report does not load matplotlib.
@@ -285,12 +298,17 @@ def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
             ax.plot(steps, _smoothed(losses), color=color, linewidth=2.0, label=stage)
         else:  # a smoothed line over a handful of points would only lag behind them
             ax.plot(steps, losses, color=color, linewidth=1.5, marker="o", markersize=4, label=stage)
+        held = evals.get(stage, [])
+        if held:  # the held-out loss during training, in the stage's colour
+            ax.plot([offset + step for step, _ in held], [loss for _, loss in held], color=color, linestyle="--",
+                    linewidth=1.5, marker="s", markersize=4, label=f"{stage} (held out)")
         if i:
             ax.axvline(offset, color="0.6", linestyle=":", linewidth=1.0)
         offset = steps[-1]
     ax.set_xlabel("step" if len(metrics) == 1 else "step (stages in order, each continuing the last)")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{Path(metrics_path).absolute().parent.name}: training loss")
+    ax.set_ylabel("loss" if evals else "training loss")
+    ax.set_title(f"{Path(metrics_path).absolute().parent.name}: " + ("training and held-out loss" if evals
+                                                                     else "training loss"))
     ax.grid(True, alpha=0.3)
     ax.legend(title="stage", loc="upper right")
     buffer = io.BytesIO()
@@ -348,6 +366,9 @@ def _stage_markdown(stage: RunStage) -> Iterable[str]:
     note = _heldout_note(stage.heldout)
     if note:
         notes.append(note)
+    if stage.evaluations:
+        notes.append(f"Held-out loss during training ({stage.evaluations} evaluations): best "
+                     f"{stage.best_eval_loss:.4f} at step {stage.best_eval_step}, last {stage.last_eval_loss:.4f}.")
     t = stage.truncation
     if t is not None:
         of = f" of {t.examples:,}" if t.examples is not None else ""

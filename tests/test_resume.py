@@ -19,6 +19,7 @@ from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
 
 SAVE_EVERY = 5
 STEPS = 40
+EVAL_EVERY = 3  # evaluations between checkpoints: resuming must stay exact with them
 
 
 def _compile(tmp_path: Path, name: str, **train) -> Path:
@@ -26,7 +27,8 @@ def _compile(tmp_path: Path, name: str, **train) -> Path:
         name=name,
         model={"n_embd": 32, "n_layer": 2, "n_head": 2, "dropout": 0.1},  # dropout: the RNG state matters
         train={"epochs": None, "max_steps": STEPS, "micro_batch_size": 4, "learning_rate": 1e-3,
-               "save_every_steps": SAVE_EVERY, "keep_checkpoints": 2, "log_every_steps": 1, **train},
+               "save_every_steps": SAVE_EVERY, "keep_checkpoints": 2, "log_every_steps": 1,
+               "eval_every_steps": EVAL_EVERY, **train},
         eval=None,
     )
     del recipe["train"]["epochs"]
@@ -48,7 +50,14 @@ def _weights(build: Path) -> dict:
 
 
 def _metrics(build: Path) -> list[dict]:
-    return [json.loads(line) for line in (build / "metrics.jsonl").read_text().splitlines()]
+    """The training rows of metrics.jsonl (the held-out rows are in `_evals`)."""
+    rows = [json.loads(line) for line in (build / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "loss" in row]
+
+
+def _evals(build: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (build / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["eval_loss"] for row in rows if "eval_loss" in row}
 
 
 @pytest.mark.slow
@@ -91,6 +100,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     reference_loss = {m["step"]: m["loss"] for m in _metrics(reference)}
     for m in _metrics(build)[-5:]:
         assert m["loss"] == reference_loss[m["step"]]
+    # So are the held-out losses, evaluated every EVAL_EVERY steps and after the last.
+    assert sorted(_evals(reference)) == [*range(EVAL_EVERY, STEPS, EVAL_EVERY), STEPS]
+    assert _evals(build) == _evals(reference)
     # keep_checkpoints = 2: older checkpoints were deleted as newer ones were written.
     assert len(ckpt.complete_checkpoints(root)) <= 2
 

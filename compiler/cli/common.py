@@ -7,7 +7,8 @@ import argparse
 from compiler.loading.overrides import Override, parse_override
 
 EXIT_OK, EXIT_USER, EXIT_BUG = 0, 1, 2
-SET_HELP = "override one recipe value, e.g. --set train.learning_rate=1e-4 (repeatable; shown in the plan)"
+SET_HELP = ("override one recipe value, e.g. --set train.learning_rate=1e-4, or remove a key with "
+            "--set train.epochs=none (repeatable; shown in the plan)")
 
 
 def overrides(args: argparse.Namespace) -> list[Override]:

@@ -194,12 +194,14 @@ def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int, arch: Architec
         optimizer=t.optimizer,
         adam_betas=t.adam_betas,
         adam_eps=t.adam_eps,
+        momentum=t.momentum,
         log_every_steps=t.log_every_steps,
         eval_every_steps=t.eval_every_steps,
         save_every_steps=t.save_every_steps,
         keep_checkpoints=t.keep_checkpoints,
         length_grouping=t.length_grouping,
         packing=t.packing,
+        report_to=t.report_to,
         params=own,
     )
 

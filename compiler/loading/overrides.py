@@ -4,6 +4,10 @@ Values are parsed as TOML values (`1e-4` is a float, `true` a boolean, `[1, 2]` 
 `"text"` a string); a bare word that is not valid TOML is taken as a string, so
 `--set hardware.precision=bf16` works without quotes. Stages may be addressed by name
 (`stages.sft.learning_rate`) or by position (`stages.0.learning_rate`).
+
+The bare word `none` removes the key, as if the file had never set it, so an override can switch
+a choice: `--set train.epochs=none --set train.max_steps=30`. (`--set key='"none"'` sets the
+text "none"; for the keys whose choices include "none", removing gives that default anyway.)
 """
 
 from __future__ import annotations
@@ -17,6 +21,16 @@ from typing import Any
 from compiler.diagnostics import RecipeError
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_.-]+)*$")
+
+
+class _Remove:
+    """The value of `--set key=none`: take the key out of the recipe."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+REMOVE = _Remove()
 
 
 @dataclass(frozen=True)
@@ -37,7 +51,7 @@ def parse_override(text: str) -> Override:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw  # a bare word: take it as text
+        value = REMOVE if raw == "none" else raw  # a bare word: take it as text
     return Override(text=f"{key}={raw}", path=tuple(key.split(".")), value=value)
 
 
@@ -54,6 +68,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[Override]) -> tuple[di
             if isinstance(node, list):
                 index = _list_index(node, segment, override)
                 real.append(str(index))
+                if last and override.value is REMOVE:
+                    raise RecipeError.single(f"--set {override.text}: none removes a key, not a list element")
                 if last:
                     node[index] = override.value
                 else:
@@ -64,8 +80,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[Override]) -> tuple[di
                     f"--set {override.text}: {'.'.join(override.path[:i])} is a value, not a table"
                 )
             real.append(segment)
-            if last:
+            if last and override.value is REMOVE:
+                node.pop(segment, None)
+            elif last:
                 node[segment] = override.value
+            elif override.value is REMOVE and segment not in node:
+                break  # nothing there to remove
             else:
                 node = node.setdefault(segment, {})
         landed[".".join(real)] = override

@@ -68,6 +68,7 @@ class PlanMemory(_Read):
 
 class PlanCompute(_Read):
     wall_s: float | None = None
+    cost_usd: float | None = None
 
 
 class PlanStageTokens(_Read):
@@ -149,7 +150,10 @@ class MetricsRecord(_Written):
     format_version: int = METRICS_FORMAT_VERSION
     stage: str
     step: StrictInt
-    loss: float  # may be NaN when training diverged; readers skip such records
+    # The training loss; may be NaN when training diverged (readers skip such records). None on a
+    # row of the held-out evaluation during training, which carries `eval_loss` instead.
+    loss: float | None = None
+    eval_loss: float | None = None  # held-out loss at this step (`eval_every_steps`)
     epoch: float | None = None
     lr: float | None = None
     grad_norm: float | None = None
@@ -215,6 +219,10 @@ class StageReport(_Written):
     loss_unit: str | None = None  # what the loss is averaged over: tokens, pairs or rows
     heldout: Heldout | None = None
     packing: Packing | None = None  # pretrain and sft with train.packing
+    # the evaluations during training (`eval_every_steps`): how many, and the best of them
+    evaluations: int | None = None
+    best_eval_step: int | None = None
+    best_eval_loss: float | None = None
     # ppo
     first_reward: float | None = None
     final_reward: float | None = None
@@ -330,6 +338,11 @@ class RunStage(_Written):
     truncation: Truncation | None
     heldout: Heldout | None
     packing: Packing | None = None
+    # the held-out loss during training (`eval_every_steps`): how often, the best step, the last value
+    evaluations: int | None = None
+    best_eval_step: int | None = None
+    best_eval_loss: float | None = None
+    last_eval_loss: float | None = None
 
 
 class RunTotals(_Written):
@@ -454,6 +467,23 @@ def read_metrics(path: Path) -> dict[str, list[MetricsRecord]]:
             record = MetricsRecord.model_validate(data)
         except ValidationError:
             continue
-        if math.isfinite(record.loss):
+        if record.loss is not None and math.isfinite(record.loss):
             by_stage.setdefault(record.stage, {})[record.step] = record
     return {stage: [records[s] for s in sorted(records)] for stage, records in by_stage.items()}
+
+
+def read_eval_losses(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """The held-out losses logged during training, per stage: (step, eval_loss), by step. Read like
+    `read_metrics` (a step evaluated twice keeps the later value; other lines are skipped)."""
+    path = Path(path)
+    by_stage: dict[str, dict[int, float]] = {}
+    if not path.is_file():
+        return {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = MetricsRecord.model_validate_json(line)
+        except ValidationError:
+            continue
+        if record.eval_loss is not None and math.isfinite(record.eval_loss):
+            by_stage.setdefault(record.stage, {})[record.step] = record.eval_loss
+    return {stage: sorted(points.items()) for stage, points in by_stage.items()}

@@ -110,12 +110,14 @@ class StageSpec(_Frozen):
     optimizer: Literal["adamw", "adamw_8bit", "sgd", "adafactor"]
     adam_betas: tuple[float, float]
     adam_eps: float
+    momentum: float  # sgd
     log_every_steps: int
     eval_every_steps: int | None
     save_every_steps: int | None
     keep_checkpoints: int
     length_grouping: bool
     packing: bool
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...]  # experiment trackers, rank 0 logs
     params: dict[str, Any] = Field(default_factory=dict)  # kind-specific (beta, kl_coef, ...)
 
 
@@ -190,10 +192,21 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         elif stage.packing and stage.adapter.kind == "prefix":
             out.append(f"{where} asks for packing with a prefix adapter, whose virtual tokens would be shared by "
                        'every sequence of a row (set packing = false, or adapter kind = "lora")')
+        if stage.kind == "ppo" and stage.eval_every_steps:
+            out.append(f"{where} is ppo, whose held-out measure is the reward of sampled completions, reported "
+                       "before and after the stage; eval_every_steps is for stages with a held-out loss (remove it)")
+        for tracker in stage.report_to:
+            if importlib.util.find_spec(TRACKER_MODULES[tracker]) is None:
+                out.append(f'{where} reports to {tracker}, which is not installed: pip install "recipe[{tracker}]" '
+                           f"(or remove it from train.report_to)")
         data = config.data[stage.data]
         if not data.tokenized:
             out.append(f'data set "{stage.data}" was not tokenized at compile time (the tokenizer was not available)')
     return out
+
+
+# The module each experiment tracker (`report_to`) needs; installed by the extra of the same name.
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 def uses_deepspeed(hw: HardwareSpec) -> bool:

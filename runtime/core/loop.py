@@ -4,7 +4,8 @@ pieces it shares with PPO's loop, which samples its own data (runtime/stages/ppo
   stage_steps           how many steps a stage takes: the plan's formula (runtime.contract.steps)
   check_planned_steps   refuse a build whose plan.json counts other steps than this run would
   resume                continue a stage from the run's checkpoint, when it belongs to the stage
-  StageLog              metrics.jsonl, the progress bar or log line, tokens and time
+  StageLog              metrics.jsonl, the trackers (`report_to`), the progress bar or log line,
+                        tokens and time
   checkpoint_if_due     a checkpoint every `save_every_steps`
   stage_report          what the stage did, for done.json and train_report.json
 """
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from runtime.contract.artifacts import MetricsRecord, Plan, StageReport, dumps
+from runtime.contract.artifacts import MetricsRecord, Plan, StageReport, dumps, read_plan
 from runtime.contract.config import IncompatibleBuildError, RuntimeConfig, StageSpec
 from runtime.contract.layout import METRICS_FILE, PLAN_JSON
 from runtime.contract.steps import rollout_steps_per_epoch, steps_per_epoch, total_steps
@@ -28,11 +29,13 @@ from runtime.core.backend import make_backend
 from runtime.core.checkpoint import Checkpointable, CheckpointError, TrainState, load_rng_state, save_checkpoint
 from runtime.core.data import length_grouped_batches
 from runtime.core.distributed import Dist, all_ranks_sum, autocast, peak_memory_gib
+from runtime.core.evaluation import HeldoutLoss
 from runtime.core.host_memory import current_rss_gib, peak_rss_gib
 from runtime.core.model import count_parameters
 from runtime.core.objective import Objective
 from runtime.core.packing import training_items
 from runtime.core.run import Run
+from runtime.core.trackers import open_trackers, scalars_of
 
 # ---------------------------------------------------------------------------------------------
 # how many steps
@@ -113,8 +116,9 @@ class Progress:
 
     EXTRA = ("accuracy", "margin", "reward_mean", "kl")  # shown beside the loss when a stage logs them
 
-    def __init__(self, stage: StageSpec, total: int, start: int, enabled: bool):
+    def __init__(self, stage: StageSpec, total: int, start: int, enabled: bool, planned_tokens_per_s: float | None):
         self.stage, self.total, self.enabled = stage, total, enabled
+        self.planned = planned_tokens_per_s  # the plan's speed: shown as the ratio actual / planned
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -125,22 +129,41 @@ class Progress:
         if not self.enabled:
             return
         extra = {key: getattr(record, key) for key in self.EXTRA if getattr(record, key) is not None} if record else {}
+        ratio = record.tokens_per_s / self.planned if record and record.tokens_per_s and self.planned else None
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if record:
                 shown = {key: f"{value:.4f}" for key, value in extra.items()}
+                if ratio is not None:
+                    shown["vs_plan"] = f"{ratio:.2f}x"
                 self.bar.set_postfix(loss=f"{record.loss:.4f}", **shown, tok_s=f"{record.tokens_per_s:.0f}")
         elif record:
             shown = "".join(f" {key} {value:.4f}" for key, value in extra.items())
+            speed = f" ({ratio:.2f}x planned)" if ratio is not None else ""
             print(
                 f"[{self.stage.name}] step {step}/{self.total} loss {record.loss:.4f}{shown} lr {record.lr:.2e} "
-                f"{record.tokens_per_s:.0f} tok/s eta {eta_s:.0f}s",
+                f"{record.tokens_per_s:.0f} tok/s{speed} eta {eta_s:.0f}s",
                 file=sys.stderr, flush=True,
             )
+
+    def note(self, line: str) -> None:
+        """A line of its own on rank 0's stderr (above the bar, on a terminal)."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        elif self.enabled:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def planned_tokens_per_s(run: Run, stage: StageSpec) -> float | None:
+    """The plan's training speed for `stage` (its tokens over its planned time), when it has both."""
+    planned = read_plan(run.build_dir / PLAN_JSON).stage(stage.name)
+    if planned is None or not planned.train_tokens or planned.compute is None or not planned.compute.wall_s:
+        return None
+    return planned.train_tokens / planned.compute.wall_s
 
 
 class StageLog:
@@ -153,10 +176,12 @@ class StageLog:
         self.first: MetricsRecord | None = None
         self.final: MetricsRecord | None = None
         self.file = None
+        self.trackers = []
         if run.d.is_main:  # the first stage of a fresh run starts the file
             fresh = index == 0 and not start.resumed
             self.file = open(run.build_dir / METRICS_FILE, "w" if fresh else "a", encoding="utf-8")
-        self.progress = Progress(stage, steps, start.step, run.d.is_main)
+            self.trackers = open_trackers(run.build_dir, run.config.name, stage)
+        self.progress = Progress(stage, steps, start.step, run.d.is_main, planned_tokens_per_s(run, stage))
         self.started = self.window_start = time.perf_counter()
         self.peak_memory_gib: float | None = None
         self.peak_rss_gib: float | None = None
@@ -178,13 +203,24 @@ class StageLog:
                                tokens_per_s=round(real / (now - self.window_start), 1), **memory)
         self.first = self.first or record
         self.final = record
-        if self.file:
-            self.file.write(dumps(record, indent=None))
-            self.file.flush()
+        self.write(record)
         eta = (now - self.started) / max(1, step - self.start.step) * (self.steps - step)
         self.progress.update(step, record, eta)
         self.window_start = now
         return record
+
+    def write(self, record: MetricsRecord) -> None:
+        """A row in metrics.jsonl, and the same scalars to every tracker (rank 0)."""
+        if self.file:
+            self.file.write(dumps(record, indent=None))
+            self.file.flush()
+        for tracker in self.trackers:
+            tracker.log(record.step, scalars_of(record))
+
+    def record_eval(self, step: int, eval_loss: float) -> None:
+        """A held-out evaluation's row: the stage, the step and `eval_loss`."""
+        self.write(MetricsRecord(stage=self.stage.name, step=step, eval_loss=eval_loss))
+        self.progress.note(f"[{self.stage.name}] step {step}/{self.steps} held-out loss {eval_loss:.4f}")
 
     def tick(self, step: int) -> None:
         """A step that is not logged: the progress bar moves on."""
@@ -198,6 +234,8 @@ class StageLog:
         self.progress.close()
         if self.file:
             self.file.close()
+        for tracker in self.trackers:
+            tracker.close()
         self.peak_memory_gib = peak_memory_gib(self.run.device)
         self.peak_rss_gib = round(peak_rss_gib(), 3)
         return self.elapsed_s()
@@ -258,6 +296,7 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
     backend = make_backend(run, stage, model, objective.loss, steps)
     start = resume(run, index, stage, steps, backend)
     log = StageLog(run, index, stage, steps, start)
+    evaluation = HeldoutLoss(stage, objective.heldout_rows, objective.collate)
     step, window = start.step, Window()
     groups_of: dict[int, list[list[list[int]]]] = {}  # the current epoch's step groups
     model.train()
@@ -291,6 +330,8 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
             window = Window()
         else:
             log.tick(step)
+        if evaluation.due(step, steps):
+            log.record_eval(step, evaluation.measure(step, backend.forward, model, run))
         next_epoch, next_group = divmod(step, per_epoch)
         checkpoint_if_due(run, index, stage, log, backend, step, epoch=next_epoch, batch=next_group * stage.grad_accum)
     wall_s = log.close()
@@ -301,6 +342,9 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
         run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")
     if objective.packing is not None:
         extra["packing"] = objective.packing
+    best = evaluation.best()
+    if best is not None:
+        extra.update(evaluations=len(evaluation.history), best_eval_step=best[0], best_eval_loss=best[1])
     examples = objective.packing["sequences"] if objective.packing is not None else len(rows)
     report = stage_report(stage, log, wall_s, examples=examples, params=params, loss_unit=objective.unit, **extra)
     return trained, report

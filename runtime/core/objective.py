@@ -23,6 +23,7 @@ class Objective:
     model: nn.Module  # the model being trained: checkpointed and saved as the stage's output
     collate: Callable[[Sequence[Any]], dict[str, torch.Tensor]]
     heldout: Callable[[], dict] | None = None  # held-out metrics once trained (rank 0 only)
+    heldout_rows: Sequence[Any] = ()  # held-out items, collated like `rows`: the loss during training
     unit: str = "tokens"  # what the loss is averaged over: supervised tokens, pairs or rows
     # with train.packing: rows are packs; runtime.core.packing.packing_report of the sequences
     packing: dict | None = None

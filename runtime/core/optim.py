@@ -17,7 +17,7 @@ def build_optimizer(model: torch.nn.Module, stage: StageSpec) -> torch.optim.Opt
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if stage.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=stage.learning_rate, momentum=0.9)
+        return torch.optim.SGD(groups, lr=stage.learning_rate, momentum=stage.momentum)
     if stage.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 

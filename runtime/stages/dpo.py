@@ -127,6 +127,7 @@ def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
     loss = DpoLoss(policy, stage.params, reference)
     pad_id = run.config.model.pad_token_id
     return Objective(rows=rows, loss=loss, model=policy, unit="pairs", collate=partial(collate_pairs, pad_id=pad_id),
+                     heldout_rows=heldout_rows,
                      heldout=lambda: heldout_metrics(loss, heldout_rows, pad_id, run.device))
 
 

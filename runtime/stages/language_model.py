@@ -26,17 +26,23 @@ def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
     """The language-model Objective: the stage's rows (or their packs), the planned adapter on
     `model`, TokenLoss."""
     data = run.config.data[stage.data]
-    rows = read_training_rows(run.build_dir / data.train,
-                              supervise_prompt=stage.kind == "pretrain" or data.template.loss == "all")
+    supervise_prompt = stage.kind == "pretrain" or data.template.loss == "all"
+    rows = read_training_rows(run.build_dir / data.train, supervise_prompt=supervise_prompt)
+    heldout = read_training_rows(run.build_dir / data.heldout, supervise_prompt=supervise_prompt) \
+        if stage.eval_every_steps else ()
     model = apply_adapter(model, stage.adapter)
     pad_id = run.config.model.pad_token_id
     if not stage.packing:
-        return Objective(rows=rows, loss=TokenLoss(model), model=model, collate=partial(collate_rows, pad_id=pad_id))
+        return Objective(rows=rows, loss=TokenLoss(model), model=model, heldout_rows=heldout,
+                         collate=partial(collate_rows, pad_id=pad_id))
     budget = pack_budget(data, [len(r) for r in rows])
     report = packing_report(rows, budget)
     run.log(f'[{stage.name}] packing {report["sequences"]} sequences into {report["packs"]} rows of {budget} tokens '
             f'({report["sequences_per_pack"]} a row, {report["padding_share"]:.1%} padding)')
+    # held-out rows are packed alike, so they are collated like the training packs (the packed loss
+    # equals the unpacked one)
     return Objective(rows=pack_rows(rows, budget), loss=TokenLoss(model), model=model,
+                     heldout_rows=pack_rows(heldout, budget) if heldout else (),
                      collate=partial(collate_packed, pad_id=pad_id), packing=report)
 
 

@@ -116,7 +116,7 @@ def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
     trained = apply_adapter(scalar, stage.adapter, scalar=True)
     loss = RewardLoss(trained, stage.params["objective"])
     return Objective(
-        rows=rows, loss=loss, model=trained, unit="pairs" if pairwise else "rows",
+        rows=rows, loss=loss, model=trained, unit="pairs" if pairwise else "rows", heldout_rows=heldout_rows,
         collate=partial(collate_pairs if pairwise else collate_scored, pad_id=pad_id),
         heldout=lambda: {"before": before, "after": heldout_metrics(loss, heldout_rows, pad_id, run.device)},
     )

@@ -55,7 +55,8 @@ class TrainSection(Section):
     log_every_steps: PositiveInt = 10
     """Write a metrics line every this many steps."""
     eval_every_steps: PositiveInt | None = None
-    """Compute the held-out loss every this many steps (default: at the end of each epoch)."""
+    """Compute the held-out loss every this many steps and after the last, into metrics.jsonl and
+    the trackers (default: not during training). Not for ppo stages."""
     save_every_steps: PositiveInt | None = None
     """Write a resumable checkpoint every this many steps (default: at the end of the stage)."""
     keep_checkpoints: PositiveInt = 2
@@ -64,6 +65,10 @@ class TrainSection(Section):
     """Batch examples of similar length together, so little padding is computed."""
     packing: bool = False
     """Pack several sequences into each row of the token budget (pretrain and sft; each sequence attends only to itself)."""
+    report_to: Annotated[tuple[Literal["tensorboard", "wandb", "mlflow"], ...], Field(strict=False)] = ()
+    """Experiment trackers that get the metrics, the runtime config and the plan's headline numbers:
+    any of "tensorboard" (event files under runs/), "wandb", "mlflow". Each is an optional extra
+    (pip install "recipe[wandb]"); credentials come from the environment only."""
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainSection:
@@ -71,6 +76,8 @@ class TrainSection(Section):
             raise ValueError("give epochs or max_steps, not both")
         if self.warmup_ratio is not None and "warmup_steps" in self.model_fields_set:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.report_to is not None and len(set(self.report_to)) != len(self.report_to):
+            raise ValueError("report_to names a tracker twice; list each once")
         return self
 
 
