@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 Auto = Literal["auto"]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0)]
-Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
-Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1.0)]
+Probability = Annotated[float, Field(ge=0, lt=1.0)]
 
 # Names that end up as directory names, dataset keys and stage references.
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")

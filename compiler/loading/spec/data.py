@@ -160,7 +160,7 @@ class TokensSection(Section):
 
     max_total: PositiveInt | Auto = "auto"
     """Tokens per example, prompt plus completion. "auto" measures the templated data."""
-    coverage: float = Field(default=1.0, gt=0.0, le=1.0)
+    coverage: float = Field(default=1.0, gt=0, le=1.0)
     """With max_total = "auto": the share of examples that must fit without truncation (1.0: the longest)."""
     round_to: PositiveInt | Auto = "auto"
     """Round an "auto" budget up to a multiple of this; "auto": 8 on CPU, 64 on GPUs."""

@@ -37,9 +37,9 @@ class HardwareSection(Section):
     """Memory per device in GiB; overrides the catalog's figure for `gpu`."""
     peak_tflops: PositiveFloat | None = None
     """Dense peak TFLOP/s per device at the training precision; overrides the catalog."""
-    mfu: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    mfu: Annotated[float, Field(gt=0, le=1.0)] | None = None
     """Model FLOPs utilisation assumed for time estimates (share of the peak actually achieved)."""
-    usd_per_hour: Annotated[float, Field(ge=0.0)] | None = None
+    usd_per_hour: Annotated[float, Field(ge=0)] | None = None
     """Price per device-hour in US dollars; overrides the catalog."""
 
     @model_validator(mode="after")
@@ -111,5 +111,5 @@ class BudgetSection(Section):
     """Most the run may cost, in US dollars."""
     max_gpu_hours: PositiveFloat | None = None
     """Most GPU-hours the run may take."""
-    min_memory_headroom_gib: Annotated[float, Field(ge=0.0)] | None = None
+    min_memory_headroom_gib: Annotated[float, Field(ge=0)] | None = None
     """Least free memory per device at the estimated peak, in GiB."""

@@ -38,7 +38,7 @@ class TrainSection(Section):
     """Shape of the learning-rate curve after warmup."""
     warmup_steps: NonNegativeInt = 0
     """Steps of linear warmup from 0 to the peak learning rate."""
-    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1.0)] | None = None
     """Warmup as a share of all steps; instead of warmup_steps."""
     weight_decay: NonNegativeFloat = 0.0
     """Decoupled weight decay (applied to matrices, not to biases and norms)."""
@@ -141,7 +141,7 @@ class DpoStage(_StageBase):
     """Strength of the implicit KL penalty towards the reference model."""
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     """DPO loss variant."""
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     """Conservative DPO: assumed share of flipped preference labels."""
     reference: str | None = None
     """Frozen reference: "base" or an earlier stage; defaults to the stage this one starts from."""
@@ -158,7 +158,7 @@ class GenerationSection(Section):
     """Softmax temperature when sampling."""
     top_k: NonNegativeInt = 0
     """Sample from the k most likely tokens (0: no limit)."""
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, gt=0, le=1.0)
     """Nucleus sampling: the smallest token set with this much probability."""
 
 
@@ -179,13 +179,13 @@ class PpoStage(_StageBase):
     """Policy ratio clip range."""
     value_clip: PositiveFloat = 0.4
     """Value function clip range."""
-    ptx_coef: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    ptx_coef: Annotated[float, Field(ge=0, le=1.0)] = 0.0
     """Share of the pretraining (PTX) loss in the actor's loss: (1 - ptx_coef) x PPO + ptx_coef x PTX."""
     ptx_data: str | None = None
     """Data set for the PTX loss (needed when ptx_coef > 0)."""
-    gamma: float = Field(default=1.0, gt=0.0, le=1.0)
+    gamma: float = Field(default=1.0, gt=0, le=1.0)
     """Discount factor."""
-    lam: float = Field(default=0.95, ge=0.0, le=1.0)
+    lam: float = Field(default=0.95, ge=0, le=1.0)
     """GAE lambda."""
     ppo_epochs: PositiveInt = 4
     """Optimisation passes over each batch of rollouts."""
