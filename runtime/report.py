@@ -176,6 +176,7 @@ def _stage_entry(name: str, plan_stage: PlanStage | None, report: StageReport | 
         loss=_loss(report, records),
         truncation=_truncation(plan_stage, plan),
         heldout=report.heldout if report is not None else None,
+        **({"reward_steps": tuple(records)} if any(r.rewards is not None for r in records) else {}),
     )
 
 
@@ -359,6 +360,21 @@ def _stage_markdown(stage: RunStage) -> Iterable[str]:
         yield f"- {note}"
     if notes:
         yield ""
+    yield from _reward_steps_markdown(stage.reward_steps or ())
+
+
+def _reward_steps_markdown(records) -> Iterable[str]:
+    """GRPO's logged steps: reward (each function's mean), groups without signal, KL, clipping, length."""
+    if not records:
+        return
+    names = sorted({k for r in records for k in (r.rewards or {})})
+    yield "| step | reward | " + " | ".join(names) + " | zero-variance groups | KL | clip fraction | completion tokens |"
+    yield "|" + "---:|" * (6 + len(names))
+    for r in records:
+        cells = [_fmt(r.reward_mean, ".3f")] + [_fmt((r.rewards or {}).get(n), ".3f") for n in names]
+        cells += [_fmt(r.zero_std_share, ".2f"), _fmt(r.kl, ".4f"), _fmt(r.clipfrac, ".3f"), _fmt(r.completion_tokens, ".1f")]
+        yield f"| {r.step} | " + " | ".join(cells) + " |"
+    yield ""
 
 
 def _heldout_note(heldout: HeldoutBeforeAfter | HeldoutMetrics | None) -> str | None:
@@ -368,6 +384,11 @@ def _heldout_note(heldout: HeldoutBeforeAfter | HeldoutMetrics | None) -> str | 
     before, after = (heldout.before, heldout.after) if isinstance(heldout, HeldoutBeforeAfter) else (None, heldout)
     if after is None:
         return None
+    if after.rewards is not None:  # grpo: greedy completions scored by the stage's rewards
+        acc = (f"accuracy {_fmt(before.accuracy, '.4f') + ' -> ' if before else ''}{_fmt(after.accuracy, '.4f')}, "
+               if after.accuracy is not None else "")
+        return (f"Held-out greedy completions ({after.prompts} prompts): {acc}mean reward "
+                f"{_fmt(before.mean_reward, '.4f') + ' -> ' if before else ''}{_fmt(after.mean_reward, '.4f')}.")
     if "mean_reward" in after.model_fields_set:
         start = f"{_fmt(before.mean_reward, '.4f')} -> " if before is not None else ""
         return (f"Held-out mean reward of sampled completions ({after.prompts} prompts): "

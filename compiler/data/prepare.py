@@ -346,7 +346,13 @@ def _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions
                 if score_field and score_field in example.fields:
                     record["score"] = float(example.fields[score_field])
                 if reward_fields:
-                    record["fields"] = {f: str(example.fields[f]) for f in reward_fields if f in example.fields}
+                    missing = [f for f in reward_fields if f not in example.fields]
+                    if missing:
+                        raise RecipeError([Diagnostic(
+                            "error", f"row has no field {json.dumps(missing[0])}, which a grpo reward compares with",
+                            file=common["source_label"], line=example.line,
+                            help="fix the row, or name a field every row has in the reward's `field`")])
+                    record["fields"] = {f: str(example.fields[f]) for f in reward_fields}
             if kind == "chosen":
                 pending = record
             elif record is not None:

@@ -318,6 +318,7 @@ class RunStage(_Written):
     loss: LossSummary
     truncation: Truncation | None
     heldout: Heldout | None
+    reward_steps: tuple[MetricsRecord, ...] | None = None  # grpo: the logged steps, for the per-step table
 
 
 class RunTotals(_Written):

@@ -71,8 +71,9 @@ class Reward:
         elif self.kind == "python":
             module, _, function = spec["function"].partition(":")
             self._function = getattr(importlib.import_module(module), function)
-        elif self.kind == "reward_model" and score_batch is None:
-            raise ValueError("a reward_model reward needs the reward model's scorer")
+        elif self.kind == "reward_model":
+            if score_batch is None:
+                raise ValueError("a reward_model reward needs the reward model's scorer")
         elif self.kind not in ("exact_match", "label_set", "length"):
             raise ValueError(f"unknown reward kind {self.kind!r}")
 
