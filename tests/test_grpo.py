@@ -207,10 +207,12 @@ def _toy_prompts(folder: Path) -> None:
     import random
 
     rng = random.Random(0)
+    words = ["great", "nice", "fine", "bad", "awful", "sad", "poor"]  # and "good", rarely: the rewarded word
     with open(folder / "prompts.jsonl", "w") as f:
         for _ in range(120):
+            target = "good" if rng.random() < 0.1 else rng.choice(words)
             f.write(json.dumps({"user_input": f"The {rng.choice(['day', 'film', 'song', 'meal'])} was",
-                                "target": "good"}) + "\n")
+                                "target": target}) + "\n")
 
 
 def _grpo_recipe(folder: Path, *, rewards: list[dict] | None = None, **top) -> Path:
@@ -224,9 +226,10 @@ def _grpo_recipe(folder: Path, *, rewards: list[dict] | None = None, **top) -> P
                              "split": {"heldout_fraction": 0.2, "seed": 1},
                              "template": {"prompt": "{{ user_input }}", "completion": " {{ target }}"}}},
         "tokens": {"max_total": "auto"},
-        "stages": [{"name": "grpo", "kind": "grpo", "max_steps": 24, "group_size": 8, "rollout_batch_size": 4,
-                    "micro_batch_size": 16, "learning_rate": 2e-2, "lr_schedule": "constant",
-                    "log_every_steps": 4, "save_every_steps": 8, "kl_coef": 0.02, "heldout_prompts": 16,
+        "stages": [{"name": "sft", "kind": "sft", "max_steps": 40, "micro_batch_size": 8, "learning_rate": 1e-2},
+                   {"name": "grpo", "kind": "grpo", "from": "sft", "max_steps": 16, "group_size": 8,
+                    "rollout_batch_size": 2, "micro_batch_size": 16, "learning_rate": 1e-2, "lr_schedule": "constant",
+                    "log_every_steps": 2, "save_every_steps": 8, "kl_coef": 0.02, "heldout_prompts": 16,
                     "generation": {"max_new_tokens": 3},
                     "rewards": rewards or [{"kind": "regex", "name": "good", "pattern": r"\bgood\b"}]}],
         "hardware": {"device": "cpu"},
@@ -272,11 +275,11 @@ def test_the_plan_prices_generation_for_the_group(tmp_path: Path) -> None:
         folder.mkdir()
         recipe = _grpo_recipe(folder)
         data = json.loads(recipe.read_text())
-        data["stages"][0].update(group_size=group, kl_coef=kl)
+        data["stages"][1].update(group_size=group, kl_coef=kl)
         recipe.write_text(json.dumps(data))
         result = run_cli("plan", str(recipe), "--json", cwd=folder)
         assert result.returncode == 0, result.stderr
-        plans[(group, kl)] = json.loads(result.stdout)["stages"][0]
+        plans[(group, kl)] = json.loads(result.stdout)["stages"][1]
     assert plans[(8, 0.0)]["train_tokens"] == pytest.approx(2 * plans[(4, 0.0)]["train_tokens"], rel=0.01)
     assert plans[(8, 0.1)]["memory"]["peak_gib"] > plans[(8, 0.0)]["memory"]["peak_gib"]
     assert plans[(8, 0.1)]["compute"]["flops"] > plans[(8, 0.0)]["compute"]["flops"]
@@ -308,11 +311,12 @@ def toy(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_the_toy_chain_learns_the_rewarded_token(toy: Path) -> None:
-    """The reward is 1 when the completion contains " good"; a random scratch model seldom says it.
-    Within 24 steps the sampled reward and the greedy held-out accuracy rise by set margins."""
+    """SFT teaches a scratch model to end "The day was" with one of eight words, " good" in one row
+    of ten; GRPO's reward is 1 when the completion says " good". Within 16 steps the sampled and
+    the greedy held-out reward rise by set margins."""
     records = [r for r in map(json.loads, (toy / "metrics.jsonl").read_text().splitlines()) if r["stage"] == "grpo"]
-    assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24]
-    assert records[-1]["reward_mean"] > records[0]["reward_mean"] + 0.4
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert records[-1]["reward_mean"] >= 0.9 and records[-1]["reward_mean"] > records[0]["reward_mean"] + 0.3
     for r in records:
         assert set(r["rewards"]) == {"good"} and 0.0 <= r["zero_std_share"] <= 1.0
         assert r["kl"] >= 0.0 and 0.0 <= r["clipfrac"] <= 1.0 and 1.0 <= r["completion_tokens"] <= 3.0
@@ -344,6 +348,7 @@ def test_a_killed_grpo_stage_resumes_to_the_same_weights(tmp_path: Path, toy: Pa
     process.wait()
     result = _train(build)
     assert result.returncode == 0, result.stderr
+    assert 'stage "sft" already finished in this build; skipping it' in result.stderr
     assert 'resuming stage "grpo" at step 8' in result.stderr
     resumed = load_file(build / "model" / "model.safetensors")
     reference = load_file(toy / "model" / "model.safetensors")
