@@ -25,7 +25,6 @@ too; a file of another format version, or one that is not valid JSON, is an erro
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import sys
 from pathlib import Path
@@ -38,13 +37,13 @@ from runtime.contract.artifacts import (
     read_eval_report, read_metrics, read_plan, read_run_report, read_train_report, to_data,
 )
 from runtime.contract.files import write_atomic
+from runtime.loss_plot import plot_loss
 from runtime.contract.layout import (
     EVAL_JSON, LOSS_PNG, METRICS_FILE, PLAN_JSON, RUN_REPORT_JSON, RUN_REPORT_MD, RUNTIME_CONFIG_FILE,
     TRAIN_REPORT_FILE,
 )
 
 # Fewer logged points than this are drawn as they are: smoothing a handful of points hides them.
-_MIN_POINTS_TO_SMOOTH = 8
 _MEMORY_BASIS = {
     "cuda_allocated": "Peak memory is what torch allocated on one GPU (torch.cuda.max_memory_allocated); "
     "the CUDA context the plan counts under overhead is not in it",
@@ -178,6 +177,7 @@ def _stage_entry(name: str, plan_stage: PlanStage | None, report: StageReport | 
         truncation=_truncation(plan_stage, plan),
         heldout=report.heldout if report is not None else None,
         **_evaluations(evals),
+        **({"reward_steps": tuple(records)} if any(r.rewards is not None for r in records) else {}),
     )
 
 
@@ -260,63 +260,6 @@ def build_run_report(build_dir: Path) -> dict[str, Any]:
 # The loss plot
 
 
-def _smoothed(values: list[float]) -> list[float]:
-    """Centred moving average over about 1/20 of the points (at least 3), narrower at the ends:
-    unlike an exponential average it does not lag behind a falling loss."""
-    half = max(1, len(values) // 40)
-    out = []
-    for i in range(len(values)):
-        window = values[max(0, i - half) : i + half + 1]
-        out.append(sum(window) / len(window))
-    return out
-
-
-def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
-    """Loss against step, one colour per stage, later stages continuing where earlier ones ended;
-    the logged points with a lightly smoothed line over them (from 8 points on), and the held-out
-    loss during training (`eval_every_steps`) dashed in the same colour. Returns None and
-    writes nothing when no loss was logged. The PNG carries no software version or time, so the
-    same metrics give the same bytes."""
-    metrics = read_metrics(Path(metrics_path))
-    evals = read_eval_losses(Path(metrics_path))
-    if not metrics:
-        return None
-    # Imported here so that reading or building a report does not load matplotlib.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    offset = 0
-    for i, (stage, records) in enumerate(metrics.items()):
-        steps = [offset + r.step for r in records]
-        losses = [float(r.loss) for r in records]
-        color = f"C{i % 10}"
-        if len(losses) >= _MIN_POINTS_TO_SMOOTH:
-            ax.plot(steps, losses, color=color, alpha=0.35, linewidth=0.8, marker="o", markersize=2.5)
-            ax.plot(steps, _smoothed(losses), color=color, linewidth=2.0, label=stage)
-        else:  # a smoothed line over a handful of points would only lag behind them
-            ax.plot(steps, losses, color=color, linewidth=1.5, marker="o", markersize=4, label=stage)
-        held = evals.get(stage, [])
-        if held:  # the held-out loss during training, in the stage's colour
-            ax.plot([offset + step for step, _ in held], [loss for _, loss in held], color=color, linestyle="--",
-                    linewidth=1.5, marker="s", markersize=4, label=f"{stage} (held out)")
-        if i:
-            ax.axvline(offset, color="0.6", linestyle=":", linewidth=1.0)
-        offset = steps[-1]
-    ax.set_xlabel("step" if len(metrics) == 1 else "step (stages in order, each continuing the last)")
-    ax.set_ylabel("loss" if evals else "training loss")
-    ax.set_title(f"{Path(metrics_path).absolute().parent.name}: " + ("training and held-out loss" if evals
-                                                                     else "training loss"))
-    ax.grid(True, alpha=0.3)
-    ax.legend(title="stage", loc="upper right")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    write_atomic(Path(png_path), buffer.getvalue())
-    return Path(png_path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Markdown, rendered from the JSON report
 
@@ -381,6 +324,21 @@ def _stage_markdown(stage: RunStage) -> Iterable[str]:
         yield f"- {note}"
     if notes:
         yield ""
+    yield from _reward_steps_markdown(stage.reward_steps or ())
+
+
+def _reward_steps_markdown(records) -> Iterable[str]:
+    """GRPO's logged steps: reward (each function's mean), groups without signal, KL, clipping, length."""
+    if not records:
+        return
+    names = sorted({k for r in records for k in (r.rewards or {})})
+    yield "| step | reward | " + " | ".join(names) + " | zero-variance groups | KL | clip fraction | completion tokens |"
+    yield "|" + "---:|" * (6 + len(names))
+    for r in records:
+        cells = [_fmt(r.reward_mean, ".3f")] + [_fmt((r.rewards or {}).get(n), ".3f") for n in names]
+        cells += [_fmt(r.zero_std_share, ".2f"), _fmt(r.kl, ".4f"), _fmt(r.clipfrac, ".3f"), _fmt(r.completion_tokens, ".1f")]
+        yield f"| {r.step} | " + " | ".join(cells) + " |"
+    yield ""
 
 
 def _heldout_note(heldout: HeldoutBeforeAfter | HeldoutMetrics | None) -> str | None:
@@ -390,6 +348,11 @@ def _heldout_note(heldout: HeldoutBeforeAfter | HeldoutMetrics | None) -> str | 
     before, after = (heldout.before, heldout.after) if isinstance(heldout, HeldoutBeforeAfter) else (None, heldout)
     if after is None:
         return None
+    if after.rewards is not None:  # grpo: greedy completions scored by the stage's rewards
+        acc = (f"accuracy {_fmt(before.accuracy, '.4f') + ' -> ' if before else ''}{_fmt(after.accuracy, '.4f')}, "
+               if after.accuracy is not None else "")
+        return (f"Held-out greedy completions ({after.prompts} prompts): {acc}mean reward "
+                f"{_fmt(before.mean_reward, '.4f') + ' -> ' if before else ''}{_fmt(after.mean_reward, '.4f')}.")
     if "mean_reward" in after.model_fields_set:
         start = f"{_fmt(before.mean_reward, '.4f')} -> " if before is not None else ""
         return (f"Held-out mean reward of sampled completions ({after.prompts} prompts): "

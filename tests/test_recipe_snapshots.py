@@ -511,7 +511,7 @@ CASES = [
         """),
     # ------------------------------------------------------------------ enums
     case("enum-stage-kind", T(('kind = "sft"', 'kind = "sfft"')), r"""
-        error: stages.0.kind = "sfft" is not one of: pretrain, sft, reward, dpo, ppo
+        error: stages.0.kind = "sfft" is not one of: pretrain, sft, reward, dpo, ppo, grpo
           --> r.toml:42:1
            | kind = "sfft"
            = help: did you mean "sft"?
@@ -519,7 +519,7 @@ CASES = [
         1 error
         """),
     case("enum-stage-kind-json", as_json(T(('kind = "sft"', 'kind = "sfft"'))), r"""
-        error: stages.0.kind = "sfft" is not one of: pretrain, sft, reward, dpo, ppo
+        error: stages.0.kind = "sfft" is not one of: pretrain, sft, reward, dpo, ppo, grpo
           --> r.json:66:7
            |       "kind": "sfft"
            = help: did you mean "sft"?
@@ -613,7 +613,7 @@ CASES = [
           --> r.toml:40:3
            | [[stages]]
            = key: stages.0.kind
-           = help: kind is one of: pretrain, sft, reward, dpo, ppo
+           = help: kind is one of: pretrain, sft, reward, dpo, ppo, grpo
 
         1 error
         """),

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from runtime.contract.artifacts import read_metrics
-from runtime.report import RunReportError, build_run_report, main, plot_loss, write_run_report
+from runtime.loss_plot import plot_loss
+from runtime.report import RunReportError, build_run_report, main, write_run_report
 
 REPO = Path(__file__).resolve().parent.parent
 PLAN = Path(__file__).resolve().parent / "data" / "run_report" / "plan.json"

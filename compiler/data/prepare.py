@@ -245,6 +245,13 @@ def _score_field(loaded: LoadedRecipe, name: str) -> str | None:
     return None
 
 
+def _reward_fields(loaded: LoadedRecipe, name: str) -> list[str]:
+    """The data fields the rewards of a grpo stage on this data set compare completions with."""
+    fields = [getattr(reward, "field", None) for stage in loaded.recipe.stages if stage.kind == "grpo"
+              and stage_dataset(loaded.recipe, stage) == name for reward in stage.rewards]
+    return sorted({f for f in fields if f})
+
+
 def _round_to(loaded: LoadedRecipe) -> int:
     """Budget granularity: 8 on CPU, 64 on GPUs (tensor-core friendly shapes), unless set."""
     round_to = loaded.recipe.tokens.round_to
@@ -317,6 +324,7 @@ def _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions
     n_train = len(_variants(split.train, common["format"]))
     kinds = [k for _, k in ordered]
     score_field = _score_field(loaded, name)
+    reward_fields = _reward_fields(loaded, name)
 
     def records(chunk: list[Example | None], kinds: list[str | None]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -337,6 +345,14 @@ def _prepare_prompt_completion(loaded, common, split, encoder, spec, n_positions
                     record["label"] = str(example.fields[label_field])
                 if score_field and score_field in example.fields:
                     record["score"] = float(example.fields[score_field])
+                if reward_fields:
+                    missing = [f for f in reward_fields if f not in example.fields]
+                    if missing:
+                        raise RecipeError([Diagnostic(
+                            "error", f"row has no field {json.dumps(missing[0])}, which a grpo reward compares with",
+                            file=common["source_label"], line=example.line,
+                            help="fix the row, or name a field every row has in the reward's `field`")])
+                    record["fields"] = {f: str(example.fields[f]) for f in reward_fields}
             if kind == "chosen":
                 pending = record
             elif record is not None:

@@ -31,6 +31,10 @@ def manifest(loaded: LoadedRecipe, files: dict[str, bytes], prepared: dict[str, 
         "data": data,
         "files": {rel: _sha256(content) for rel, content in sorted(files.items())},
     }
+    code = [{"stage": s.name, "reward": r.name or r.kind, "function": r.function} for s in loaded.recipe.stages
+            if s.kind == "grpo" for r in s.rewards if r.kind == "python"]
+    if code:  # python rewards: the recipe's own code that training will run (allow_code = true)
+        record["code_to_run"] = code
     return json.dumps(record, indent=2, sort_keys=True) + "\n"
 
 

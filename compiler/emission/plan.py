@@ -93,7 +93,7 @@ def build_plan(
         "device_gib": stages[0]["memory"]["device_gib"],
         "fits": None if any(s["memory"]["fits"] is None for s in stages) else all(s["memory"]["fits"] for s in stages),
     }
-    return {
+    plan = {
         "format_version": PLAN_FORMAT_VERSION,
         "name": recipe.name,
         "description": recipe.description,
@@ -135,6 +135,16 @@ def build_plan(
         "warnings": [d.message for d in warnings],
         "summary": summary_line(stages, totals, config.hardware.device),
     }
+    code = code_to_run(config)
+    if code:
+        plan["code_to_run"] = code
+    return plan
+
+
+def code_to_run(config: RuntimeConfig) -> list[dict[str, str]]:
+    """The recipe's own Python functions that training will import and call (python rewards)."""
+    return [{"stage": s.name, "reward": r["name"], "function": r["function"]}
+            for s in config.stages if s.kind == "grpo" for r in s.params["rewards"] if r["kind"] == "python"]
 
 
 def _model_extras(arch: Architecture, meta_check: MetaCheck | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from compiler.estimation.catalog import ModelFacts
 from compiler.estimation.params import Architecture, all_linear_names
 from compiler.loading.loader import LoadedRecipe, display_path
 from compiler.loading.recipe import (
+    GrpoStage,
     PpoStage,
     ScratchModel,
     Stage,
@@ -116,7 +117,7 @@ def planned_steps(t: TrainSection, n_train: int, world: int, stage: Stage | None
 
 
 def steps_per_epoch(t: TrainSection, n_train: int, world: int, stage: Stage | None = None) -> int:
-    if isinstance(stage, PpoStage):
+    if isinstance(stage, (PpoStage, GrpoStage)):
         return rollout_steps_per_epoch(n_train, stage.rollout_batch_size, world)
     return contract_steps_per_epoch(n_train, t.micro_batch_size, t.grad_accum, world)
 
@@ -133,7 +134,7 @@ def stages_without_steps(loaded: LoadedRecipe, prepared: dict[str, PreparedData]
         if steps_per_epoch(t, rows, world, stage) > 0:
             continue
         name = stage_dataset(r, stage)
-        if isinstance(stage, PpoStage) or rows == 0:
+        if isinstance(stage, (PpoStage, GrpoStage)) or rows == 0:
             out.append(Diagnostic(
                 "error", f'stage "{stage.name}" has no training rows: data set "{name}" kept none for training',
                 help="add rows, or lower the data set's split.heldout_fraction", **loaded.where(("stages", i))))
@@ -176,6 +177,8 @@ def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int, arch: Architec
     warmup = t.warmup_steps if t.warmup_ratio is None else math.ceil(t.warmup_ratio * steps)
     own = {k: v for k, v in stage.model_dump(mode="json").items()
            if k not in _STAGE_PARAMS_EXCLUDE and k not in type(t).model_fields}
+    if isinstance(stage, GrpoStage):
+        own["rewards"] = [_reward_params(loaded, stage, reward) for reward in own["rewards"]]
     return StageSpec(
         name=stage.name,
         kind=stage.kind,
@@ -204,6 +207,17 @@ def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int, arch: Architec
         report_to=t.report_to,
         params=own,
     )
+
+
+def _reward_params(loaded: LoadedRecipe, stage: GrpoStage, reward: dict) -> dict:
+    """A reward table as the runtime reads it: named, and a label set's labels resolved from the
+    derived field when the recipe does not list them."""
+    out = {**reward, "name": reward["name"] or reward["kind"]}
+    if reward["kind"] == "label_set" and reward["labels"] is None:
+        derive = next(d for d in loaded.recipe.data[stage_dataset(loaded.recipe, stage)].derive
+                      if d.name == reward["field"])  # the rules refuse a label_set without labels otherwise
+        out["labels"] = list(derive.labels)
+    return out
 
 
 def _eval_spec(loaded: LoadedRecipe, prepared: dict[str, PreparedData], eval_data: str) -> EvalSpec | None:

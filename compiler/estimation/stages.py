@@ -30,6 +30,7 @@ from compiler.estimation.params import (
 )
 from compiler.loading.recipe import (
     DpoStage,
+    GrpoStage,
     FreezeAdapter,
     FullAdapter,
     LoraAdapter,
@@ -128,6 +129,8 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
     epochs = steps / max(1, steps_per_epoch)
     tokens = int(tokens_per_epoch * epochs)
     supervised = int(supervised_per_epoch * epochs)
+    if isinstance(stage, GrpoStage):  # each prompt is completed group_size times
+        tokens, supervised = tokens * stage.group_size, supervised * stage.group_size
     pairs = isinstance(stage, DpoStage) or (isinstance(stage, RewardStage) and stage.objective == "pairwise")
     sequences = 2 if pairs else 1
     setup = TrainSetup(
@@ -162,7 +165,7 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
 def _frozen_models(stage: Stage, adapter, total: int) -> tuple[int, ...]:
     """Models a stage holds besides the one it trains (with an adapter on the weights the reference
     names, the reference is the model with the adapter switched off, so it costs nothing extra)."""
-    shares_base = isinstance(stage, (DpoStage, PpoStage)) and isinstance(adapter, (LoraAdapter, PrefixAdapter)) \
+    shares_base = isinstance(stage, (DpoStage, PpoStage, GrpoStage)) and isinstance(adapter, (LoraAdapter, PrefixAdapter)) \
         and (stage.reference or stage.start) == stage.start
     if isinstance(stage, DpoStage):
         return () if shares_base else (total,)
@@ -171,7 +174,14 @@ def _frozen_models(stage: Stage, adapter, total: int) -> tuple[int, ...]:
         critic = (total,)  # trained, but counted as another full copy of weights (its state is small with an adapter)
         reward = (total,)
         return reference + critic + reward
+    if isinstance(stage, GrpoStage):
+        reference = () if shares_base or stage.kl_coef == 0 else (total,)
+        return reference + (total,) * len(_reward_models(stage))
     return ()
+
+
+def _reward_models(stage: GrpoStage) -> set[str]:
+    return {r.stage for r in stage.rewards if r.kind == "reward_model"}
 
 
 def _stage_flops(arch: Architecture, stage: Stage, non_embedding: int, trainable_fraction: float, tokens: int,
@@ -186,6 +196,12 @@ def _stage_flops(arch: Architecture, stage: Stage, non_embedding: int, trainable
         # per rollout token: generation (actor), reference, reward and critic forwards, then
         # ppo_epochs of actor and critic updates
         return 4 * forward + stage.ppo_epochs * 2 * trained
+    if isinstance(stage, GrpoStage):
+        # per completion token (group_size per prompt, counted in `tokens`): generation, the
+        # reference (kl_coef > 0), each reward model and the old policy (num_iterations > 1)
+        # score once; then num_iterations updates
+        scorers = 1 + (stage.kl_coef > 0) + len(_reward_models(stage)) + (stage.num_iterations > 1)
+        return scorers * forward + stage.num_iterations * trained
     return trained
 
 

@@ -37,6 +37,7 @@ from compiler.loading.spec.stages import (
     DpoStage,
     EvalSection,
     GenerationSection,
+    GrpoStage,
     PpoStage,
     PretrainStage,
     RewardStage,
@@ -45,11 +46,11 @@ from compiler.loading.spec.stages import (
     TrainSection,
 )
 
-Stage = PretrainStage | SftStage | RewardStage | DpoStage | PpoStage
+Stage = PretrainStage | SftStage | RewardStage | DpoStage | PpoStage | GrpoStage
 
 __all__ = [
     "CHAT_FORMATS", "FORMAT_FIELDS", "AdapterSection", "Dataset", "DataSource", "DeriveBins", "DpoStage",
-    "EvalSection", "FreezeAdapter", "FullAdapter", "GenerationSection", "LoraAdapter", "ModelSection",
+    "EvalSection", "FreezeAdapter", "FullAdapter", "GenerationSection", "GrpoStage", "LoraAdapter", "ModelSection",
     "PpoStage", "PrefixAdapter", "PretrainStage", "PretrainedModel", "Recipe", "RewardStage", "ScratchModel",
     "SftStage", "SplitSection", "Stage", "StageSection", "TemplateSection", "TokenizerSection", "TokensSection",
     "TrainSection", "dataset_template", "eval_dataset", "eval_stage", "stage_adapter", "stage_dataset", "training",
@@ -66,6 +67,9 @@ class Recipe(Section):
     """One line saying what the recipe trains; shown in the plan."""
     seed: int = 0
     """Seed for weight initialisation, data order and sampling."""
+    allow_code: bool = False
+    """Allow rewards that run Python code named by the recipe (kind = "python"); the plan and the
+    manifest list that code. Off by default: a recipe from an untrusted source must not run code."""
     model: ModelSection
     """The network: from scratch or a pretrained checkpoint."""
     tokenizer: TokenizerSection | None = None

@@ -10,6 +10,7 @@ from compiler.loading.loader import LoadedRecipe, load_recipe
 from compiler.loading.overrides import Override
 from compiler.rules.context import Context
 from compiler.rules.data_rules import check_data_and_stages
+from compiler.rules.grpo_rules import check_grpo_stages
 from compiler.rules.model_rules import check_model_and_hardware
 from runtime.contract.assets import AssetError, load_catalog
 
@@ -19,7 +20,7 @@ def check_recipe(loaded: LoadedRecipe, assets: dict[str, str]) -> list[Diagnosti
 
     `assets` maps each pinned asset's name to its file name (which tells its format)."""
     ctx = Context(loaded=loaded, assets=dict(assets))
-    out = check_model_and_hardware(ctx) + check_data_and_stages(ctx)
+    out = check_model_and_hardware(ctx) + check_data_and_stages(ctx) + check_grpo_stages(ctx)
     unique = list(dict.fromkeys(out))  # two data sets sharing one template report its problems once
     return sorted(unique, key=lambda d: (d.severity != "error", d.line or 0, d.column or 0, d.message))
 

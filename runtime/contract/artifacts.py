@@ -173,6 +173,9 @@ class MetricsRecord(_Written):
     value_loss: float | None = None
     clipfrac: float | None = None
     ptx_loss: float | None = None
+    # grpo (also reward_mean, kl, completion_tokens, policy_loss, clipfrac)
+    rewards: dict[str, float] | None = None  # mean of each reward function, unweighted
+    zero_std_share: float | None = None  # share of groups whose rewards are all equal (no signal)
 
 
 class HeldoutMetrics(_Written):
@@ -188,6 +191,7 @@ class HeldoutMetrics(_Written):
     pearson: float | None = None
     mean_reward: float | None = None
     mean_completion_tokens: float | None = None
+    rewards: dict[str, float] | None = None  # grpo: each reward function's mean
 
 
 class HeldoutBeforeAfter(_Written):
@@ -228,6 +232,7 @@ class StageReport(_Written):
     final_reward: float | None = None
     final_kl: float | None = None
     max_new_tokens: int | None = None
+    regex_timeouts: int | None = None  # grpo: regex rewards that ran out of time (scored 0)
 
 
 class StageDone(_Written):
@@ -343,6 +348,7 @@ class RunStage(_Written):
     best_eval_step: int | None = None
     best_eval_loss: float | None = None
     last_eval_loss: float | None = None
+    reward_steps: tuple[MetricsRecord, ...] | None = None  # grpo: the logged steps, for the per-step table
 
 
 class RunTotals(_Written):

@@ -94,7 +94,7 @@ class AdapterSpec(_Frozen):
 
 class StageSpec(_Frozen):
     name: str
-    kind: Literal["pretrain", "sft", "reward", "dpo", "ppo"]
+    kind: Literal["pretrain", "sft", "reward", "dpo", "ppo", "grpo"]
     data: str
     start: str  # "base" or an earlier stage's name
     adapter: AdapterSpec
@@ -177,8 +177,8 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         out.append('attention = "flash_attention_2" needs hardware.device = "cuda"')
     for stage in config.stages:
         where = f'stage "{stage.name}"'
-        if stage.kind == "ppo" and uses_deepspeed(hw):
-            out.append(f"{where} is ppo, which runs on one process or DistributedDataParallel; "
+        if stage.kind in ("ppo", "grpo") and uses_deepspeed(hw):
+            out.append(f"{where} is {stage.kind}, which runs on one process or DistributedDataParallel; "
                        "set hardware.zero_stage = 0 without offload for this recipe")
         if stage.kind in ("reward", "ppo") and stage.adapter.kind == "prefix":
             out.append(f"{where} is {stage.kind} with a prefix adapter; reward models and critics train "

@@ -42,8 +42,8 @@ from runtime.core.trackers import open_trackers, scalars_of
 
 
 def stage_steps(stage: StageSpec, n_rows: int, world: int) -> int:
-    """Steps of a stage over `n_rows` training rows (prompts, for ppo) on `world` processes."""
-    if stage.kind == "ppo":  # one step is one rollout batch
+    """Steps of a stage over `n_rows` training rows (prompts, for ppo and grpo) on `world` processes."""
+    if stage.kind in ("ppo", "grpo"):  # one step is one rollout batch
         if stage.max_steps is not None:
             return stage.max_steps
         return stage.epochs * rollout_steps_per_epoch(n_rows, stage.params["rollout_batch_size"], world)

@@ -2,8 +2,8 @@
 
 Every kind is run by a `train(run, index, stage, model) -> (trained model, StageReport)`. The
 kinds that learn from a fixed data set (pretrain, sft, reward, dpo) build an Objective and hand
-it to the shared loop (runtime/core/loop.py); ppo samples its own data and runs its own loop
-from the same pieces. Stages import only runtime.core and runtime.contract.
+it to the shared loop (runtime/core/loop.py); ppo and grpo sample their own data and run
+their own loops from the same pieces. Stages import only runtime.core and runtime.contract.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from runtime.contract.artifacts import StageReport
 from runtime.contract.config import StageSpec
 from runtime.core.run import Run
-from runtime.stages import dpo, language_model, ppo, reward
+from runtime.stages import dpo, grpo, language_model, ppo, reward
 
 
 class StageRunner(Protocol):
@@ -29,4 +29,5 @@ STAGES: dict[str, StageRunner] = {
     "reward": reward.train,
     "dpo": dpo.train,
     "ppo": ppo.train,
+    "grpo": grpo.train,
 }

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import Field, create_model, model_validator
+import regex
+from pydantic import Field, create_model, field_validator, model_validator
 
 from compiler.loading.spec.base import (
     Auto,
@@ -111,21 +112,21 @@ class PretrainStage(_StageBase):
     """Next-token prediction on every token of the data."""
 
     kind: Literal["pretrain"]
-    """pretrain, sft, reward, dpo or ppo."""
+    """pretrain, sft, reward, dpo, ppo or grpo."""
 
 
 class SftStage(_StageBase):
     """Supervised fine-tuning: loss on the completion or assistant tokens only (see template.loss)."""
 
     kind: Literal["sft"]
-    """pretrain, sft, reward, dpo or ppo."""
+    """pretrain, sft, reward, dpo, ppo or grpo."""
 
 
 class RewardStage(_StageBase):
     """A reward model: the language model with a scalar head."""
 
     kind: Literal["reward"]
-    """pretrain, sft, reward, dpo or ppo."""
+    """pretrain, sft, reward, dpo, ppo or grpo."""
     objective: Literal["pairwise", "regression"] = "pairwise"
     """pairwise: chosen must outscore rejected (preference data); regression: predict a score."""
     score_field: str = "score"
@@ -136,7 +137,7 @@ class DpoStage(_StageBase):
     """Direct preference optimisation against a frozen reference model."""
 
     kind: Literal["dpo"]
-    """pretrain, sft, reward, dpo or ppo."""
+    """pretrain, sft, reward, dpo, ppo or grpo."""
     beta: PositiveFloat = 0.1
     """Strength of the implicit KL penalty towards the reference model."""
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
@@ -166,7 +167,7 @@ class PpoStage(_StageBase):
     """PPO against a reward model: actor, critic, frozen reference and reward model."""
 
     kind: Literal["ppo"]
-    """pretrain, sft, reward, dpo or ppo."""
+    """pretrain, sft, reward, dpo, ppo or grpo."""
     reward_model: str
     """The earlier reward stage that scores rollouts."""
     reference: str | None = None
@@ -203,8 +204,133 @@ class PpoStage(_StageBase):
         return self
 
 
+class _RewardBase(Section):
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    """Names the reward in metrics and reports; defaults to its kind (give one when two share a kind)."""
+    weight: float = 1.0
+    """Its weight in the stage's reward (the weighted sum of all rewards)."""
+
+
+class ExactMatchReward(_RewardBase):
+    """1 when the completion equals a data field, else 0."""
+
+    kind: Literal["exact_match"]
+    """exact_match, label_set, regex, length, reward_model or python."""
+    field: str
+    """The data field holding the expected answer."""
+    strip: bool = True
+    """Ignore leading and trailing whitespace on both sides."""
+    lower: bool = False
+    """Compare case-insensitively."""
+
+
+class LabelSetReward(_RewardBase):
+    """1 when the label read from the completion is the row's label, else 0."""
+
+    kind: Literal["label_set"]
+    """exact_match, label_set, regex, length, reward_model or python."""
+    field: str
+    """The data field holding the label (a derived label field names its labels itself)."""
+    labels: list[str] | None = Field(None, min_length=1)
+    """The label set; defaults to the labels of the derived field."""
+    extract: Literal["first_word", "label_set"] = "label_set"
+    """How the label is read: the completion's first word, or the label it starts with (case-insensitive)."""
+
+
+class RegexReward(_RewardBase):
+    """1 when the pattern matches somewhere in the completion, else 0."""
+
+    kind: Literal["regex"]
+    """exact_match, label_set, regex, length, reward_model or python."""
+    pattern: str
+    """A regular expression (Python `regex` syntax)."""
+    timeout_s: float = Field(0.1, gt=0.0, le=10.0)
+    """Time limit of one match; a match that runs out of time scores 0 (guards against catastrophic backtracking)."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            regex.compile(pattern)
+        except regex.error as exc:
+            raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from None
+        return pattern
+
+
+class LengthReward(_RewardBase):
+    """-(completion tokens beyond max_tokens): a penalty of `weight` per extra token."""
+
+    kind: Literal["length"]
+    """exact_match, label_set, regex, length, reward_model or python."""
+    max_tokens: PositiveInt
+    """Completion tokens allowed without penalty."""
+
+
+class ModelReward(_RewardBase):
+    """The score an earlier reward stage gives the whole prompt + completion."""
+
+    kind: Literal["reward_model"]
+    """exact_match, label_set, regex, length, reward_model or python."""
+    stage: str
+    """The earlier stage with kind = "reward"."""
+
+
+class PythonReward(_RewardBase):
+    """Your own function(texts, fields) -> list of floats. Runs code: needs allow_code = true at the top level."""
+
+    kind: Literal["python"]
+    """exact_match, label_set, regex, length, reward_model or python."""
+    function: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+    """"module:function", importable by the runtime."""
+
+
+RewardSection = Annotated[
+    Union[ExactMatchReward, LabelSetReward, RegexReward, LengthReward, ModelReward, PythonReward],
+    Field(discriminator="kind"),
+]
+
+
+class GrpoStage(_StageBase):
+    """Group-relative policy optimisation with rewards computed from the data (no critic, no learned value)."""
+
+    kind: Literal["grpo"]
+    """pretrain, sft, reward, dpo, ppo or grpo."""
+    rewards: list[RewardSection] = Field(min_length=1)
+    """The reward functions, [[stages.rewards]] tables; the stage's reward is their weighted sum."""
+    group_size: int = Field(8, ge=2)
+    """Completions sampled per prompt; advantages are relative to the group."""
+    rollout_batch_size: PositiveInt = 4
+    """Prompts per step and process (each sampled group_size times)."""
+    scale_rewards: Literal["group", "none"] = "group"
+    """group: divide advantages by the group's reward std; none: only subtract the mean (Dr. GRPO)."""
+    clip_eps: PositiveFloat = 0.2
+    """Policy ratio clip range (below 1, and above unless clip_eps_high is set)."""
+    clip_eps_high: PositiveFloat | None = None
+    """Upper clip range (DAPO's clip-higher); defaults to clip_eps."""
+    kl_coef: NonNegativeFloat = 0.0
+    """Weight of the k3 KL penalty to the frozen reference; 0 holds no reference model."""
+    reference: str | None = None
+    """Frozen reference for the KL penalty: "base" or an earlier stage; defaults to `from`."""
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    """token: mean over all completion tokens of the batch; sequence: mean per completion, then over completions."""
+    num_iterations: PositiveInt = 1
+    """Optimisation passes over each step's completions."""
+    heldout_prompts: PositiveInt = 64
+    """Held-out prompts whose greedy completions are scored before and after the stage."""
+    generation: GenerationSection = GenerationSection()
+    """How completions are sampled."""
+
+    @model_validator(mode="after")
+    def _names(self) -> GrpoStage:
+        names = [r.name or r.kind for r in self.rewards]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two rewards are named {twice[0]!r}: give each a distinct name = \"...\"")
+        return self
+
+
 StageSection = Annotated[
-    Union[PretrainStage, SftStage, RewardStage, DpoStage, PpoStage], Field(discriminator="kind")
+    Union[PretrainStage, SftStage, RewardStage, DpoStage, PpoStage, GrpoStage], Field(discriminator="kind")
 ]
 
 
