@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from runtime.contract.config import StageSpec, AdapterSpec
 from runtime.core.optim import build_optimizer
 
-bnb = pytest.importorskip("bitsandbytes")  # the qlora extra, part of the test extra
+import bitsandbytes as bnb  # noqa: E402  (the qlora extra, part of the test extra)
 
 
 def _stage(optimizer: str) -> StageSpec:
@@ -16,7 +15,8 @@ def _stage(optimizer: str) -> StageSpec:
                      max_steps=None, micro_batch_size=1, grad_accum=1, learning_rate=1e-2, lr_schedule="constant",
                      warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optimizer=optimizer,
                      adam_betas=(0.9, 0.999), adam_eps=1e-8, log_every_steps=1, eval_every_steps=None,
-                     save_every_steps=None, keep_checkpoints=1, length_grouping=True, packing=False, params={})
+                     save_every_steps=None, keep_checkpoints=1, length_grouping=True, packing=False, momentum=0.9,
+                     report_to=(), params={})
 
 
 def _train(optimizer: str, steps: int = 20) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
