@@ -40,6 +40,7 @@ from runtime.contract.assets import (
     is_complete,
     load_catalog,
 )
+from runtime.contract.files import fsync_path
 
 if TYPE_CHECKING:  # archives and downloads are opened only when fetching
     import tarfile
@@ -314,14 +315,5 @@ def _write_atomically(target: Path, stream: IO[bytes]) -> str:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)  # persist the rename: without it a crash can lose the entry
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename: without this a crash can lose the directory entry."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
