@@ -87,7 +87,7 @@ class TokenLoss(nn.Module):
             prefix_mask = attention_mask.new_ones(batch, self._prefix)
             attention_mask = torch.cat([prefix_mask, attention_mask], dim=1)
             kwargs = {"past_key_values": self.model.get_prompt(batch, max_cache_len=input_ids.shape[1] + self._prefix)}
-        elif right_padded(attention_mask):
+        elif attention_mask is not None and right_padded(attention_mask):
             # Causal attention never lets a real token see the padding after it, so the mask changes
             # nothing the loss reads. Without it SDPA takes its causal kernel instead of building a
             # [batch, 1, seq, seq] float mask in every layer and keeping it for backward (0.95 GiB for
