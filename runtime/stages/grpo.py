@@ -2,7 +2,7 @@
 
 One step of this stage is one batch of `rollout_batch_size` prompts per process:
   1. sample `group_size` completions of each prompt with the recipe's generation settings (cut
-     after the first end-of-sequence token), as PPO samples (runtime/stages/ppo.py);
+     after the first end-of-sequence token), as PPO samples (runtime/stages/rollout.py);
   2. score each completion with the stage's declarative rewards (runtime/stages/rewards.py): the
      weighted sum of their values;
   3. group-normalised advantages, one per completion (runtime/stages/grpo_math.py);
@@ -19,7 +19,6 @@ mean, and the accuracy (share scored 1 by the first exact_match or label_set rew
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -29,16 +28,17 @@ from transformers import PreTrainedTokenizerFast
 from runtime.contract.artifacts import StageReport
 from runtime.contract.config import StageSpec
 from runtime.core.backend import TorchBackend
-from runtime.core.data import IGNORE_INDEX, read_training_rows
-from runtime.core.loop import StageLog, checkpoint_if_due, resume, stage_report, stage_steps
+from runtime.core.data import IGNORE_INDEX
+from runtime.core.loop import stage_report, stage_steps
 from runtime.core.losses import ScalarHead, TokenLoss
 from runtime.core.model import apply_adapter, count_parameters
 from runtime.core.objective import disable_dropout
 from runtime.core.reference import frozen_model, frozen_reference
 from runtime.core.run import Run
 from runtime.stages.grpo_math import group_advantages, grpo_loss
-from runtime.stages.ppo import PolicyLogps, sample
+from runtime.stages.ppo import PolicyLogps
 from runtime.stages.rewards import Completion, Reward, total_rewards
+from runtime.stages.rollout import StepResult, drive, generation_length, sample, step_share, updates_per_pass
 
 HELDOUT_BATCH = 32  # held-out prompts generated together
 ACCURACY_KINDS = ("exact_match", "label_set")
@@ -61,7 +61,7 @@ class GrpoStage:
         self.rows = read_prompt_rows(run.build_dir / data.train)
         self.heldout_rows = read_prompt_rows(run.build_dir / data.heldout)[: p["heldout_prompts"]]
         self.pad_id, self.eos_id = config.model.pad_token_id, config.model.eos_token_id
-        self.max_new_tokens = self._max_new_tokens(data)
+        self.max_new_tokens = generation_length(stage, run.build_dir / data.train)
         self.tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(run.build_dir / config.tokenizer.file))
         temperature = p["generation"]["temperature"]
 
@@ -79,32 +79,13 @@ class GrpoStage:
         self.backend = TorchBackend(config, stage, self.actor, PolicyLogps(self.actor, temperature=temperature),
                                     run.d, run.device, updates)
 
-    def _max_new_tokens(self, data) -> int:
-        """The recipe's max_new_tokens, or for "auto" the longest completion in the stage's data."""
-        wanted = self.params["generation"]["max_new_tokens"]
-        if isinstance(wanted, int):
-            return wanted
-        rows = read_training_rows(self.run.build_dir / data.train)
-        longest = max((sum(1 for t in r.labels if t != IGNORE_INDEX) for r in rows), default=0)
-        return longest or 64
-
     def updates_per_batch(self) -> int:
         """Optimizer steps of one pass (of `num_iterations`) over a step's completions."""
-        n = self.params["rollout_batch_size"] * self.params["group_size"]
-        micro = -(-n // self.stage.micro_batch_size)
-        return -(-micro // self.stage.grad_accum)
+        return updates_per_pass(self.params["rollout_batch_size"] * self.params["group_size"], self.stage)
 
     def step_rows(self, step: int) -> list[tuple[tuple[int, ...], dict[str, str]]]:
-        """This process's prompts for one step: a seeded shuffle per pass over the prompts."""
-        n, d = self.params["rollout_batch_size"], self.run.d
-        begin = (step * d.world + d.rank) * n
-        out = []
-        for k in range(begin, begin + n):
-            epoch, i = divmod(k, len(self.rows))
-            order = list(range(len(self.rows)))
-            random.Random(self.run.config.seed + epoch).shuffle(order)
-            out.append(self.rows[order[i]])
-        return out
+        """This process's prompts for one step."""
+        return step_share(self.rows, self.params["rollout_batch_size"], step, self.run.d, self.run.config.seed)
 
     # -- completions and their rewards --------------------------------------------------------------
 
@@ -163,6 +144,17 @@ class GrpoStage:
         return {k: v / max(1, count) for k, v in sums.items()}
 
     @torch.no_grad()
+    def lr(self) -> float:
+        return self.backend.lr()
+
+    def step(self, step: int, generator: torch.Generator) -> StepResult:
+        """One batch of groups and its `num_iterations` passes of updates."""
+        r = self.rollout(step)
+        stats = self.update(r, generator)
+        return StepResult(int(r["batch"]["attention_mask"].sum()), {
+            "reward_mean": float(r["rewards"].mean()), "zero_std_share": float(r["flat"].float().mean()),
+            "completion_tokens": float(r["mask"].sum(dim=1).mean()), **stats}, r["means"])
+
     def heldout(self) -> dict | None:
         """Greedy completions of the fixed held-out sample, scored by the stage's rewards."""
         if not self.heldout_rows:
@@ -202,46 +194,14 @@ class GrpoStage:
 
 def train(run: Run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn.Module, StageReport]:
     """Run one GRPO stage (resumable at step boundaries); returns the policy and the report."""
-    d = run.d
     grpo = GrpoStage(run, index, stage, model)
     params = count_parameters(grpo.actor)
-    before = grpo.heldout() if d.is_main else None
-    start = resume(run, index, stage, grpo.steps, grpo)
-    log = StageLog(run, index, stage, grpo.steps, start)
-    step = start.step
-    window: dict[str, float] = {}
-    rewards_window: dict[str, float] = {}
-    window_steps = window_tokens = 0
-    while step < grpo.steps:
-        # The update shuffle is seeded by the step, so a resumed run repeats it exactly.
-        generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step)
-        r = grpo.rollout(step)
-        stats = grpo.update(r, generator)
-        step += 1
-        window_steps += 1
-        window_tokens += int(r["batch"]["attention_mask"].sum())
-        for key, value in {"reward_mean": float(r["rewards"].mean()), "zero_std_share": float(r["flat"].float().mean()),
-                           "completion_tokens": float(r["mask"].sum(dim=1).mean()), **stats}.items():
-            window[key] = window.get(key, 0.0) + value
-        for key, value in r["means"].items():
-            rewards_window[key] = rewards_window.get(key, 0.0) + value
-        if log.due(step):
-            means = {k: round(v / window_steps, 5) for k, v in window.items()}
-            log.record(step, window_tokens, lr=grpo.backend.lr(), loss=means["policy_loss"], **means,
-                       rewards={k: round(v / window_steps, 5) for k, v in rewards_window.items()})
-            window, rewards_window, window_steps, window_tokens = {}, {}, 0, 0
-        else:
-            log.tick(step)
-        checkpoint_if_due(run, index, stage, log, grpo, step, epoch=0, batch=step)
-    wall_s = log.close()
-    first, final = log.first, log.final
-    extra: dict = {}
-    if d.is_main:
-        extra["heldout"] = heldout = {"before": before, "after": grpo.heldout()}
-        run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")
+    driven = drive(run, index, stage, grpo)
+    first, final = driven.log.first, driven.log.final
     timeouts = sum(r.timeouts for r in grpo.rewards)
+    extra = {"heldout": driven.heldout} if driven.heldout is not None else {}
     report = stage_report(
-        stage, log, wall_s, examples=len(grpo.rows), params=params, loss_unit="tokens",
+        stage, driven.log, driven.wall_s, examples=len(grpo.rows), params=params, loss_unit="tokens",
         first_reward=first.reward_mean if first else None, final_reward=final.reward_mean if final else None,
         final_kl=final.kl if final else None, max_new_tokens=grpo.max_new_tokens,
         regex_timeouts=timeouts if any(r.kind == "regex" for r in grpo.rewards) else None, **extra,

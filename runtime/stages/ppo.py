@@ -29,7 +29,6 @@ the report are the shared pieces of runtime/core/loop.py.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,8 @@ from runtime.contract.artifacts import StageReport
 from runtime.contract.config import StageSpec
 from runtime.contract.layout import CHECKPOINT_ACTOR_DIR, CHECKPOINT_CRITIC_DIR, CRITIC_DIR, stage_dir
 from runtime.core.backend import TorchBackend
-from runtime.core.data import IGNORE_INDEX, TrainRow, collate_rows, read_prompts, read_training_rows
-from runtime.core.loop import StageLog, checkpoint_if_due, resume, stage_report, stage_steps
+from runtime.core.data import IGNORE_INDEX, collate_rows, read_prompts, read_training_rows
+from runtime.core.loop import stage_report, stage_steps
 from runtime.core.losses import ScalarHead, TokenLoss
 from runtime.core.model import apply_adapter, count_parameters, is_scalar, scalar_model
 from runtime.core.objective import disable_dropout
@@ -50,6 +49,7 @@ from runtime.core.outputs import write_tree
 from runtime.core.reference import as_reference, frozen_model, frozen_reference
 from runtime.core.run import Run
 from runtime.stages.ppo_math import gae, masked_mean, policy_loss, token_rewards, value_loss, whiten
+from runtime.stages.rollout import StepResult, drive, generation_length, sample, step_share, updates_per_pass
 
 HELDOUT_PROMPTS = 64  # held-out prompts whose mean reward is reported before and after the stage
 HELDOUT_SEED = 1234  # sampling seed of that measurement, so before and after see the same draws
@@ -100,39 +100,6 @@ class Rollout:
     kl: torch.Tensor  # [B] summed KL estimate per completion
 
 
-def sample(actor: nn.Module, prompts: list[tuple[int, ...]], stage: StageSpec, *, pad_id: int, eos_id: int | None,
-           max_new_tokens: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Sample one completion per prompt and lay each out right-padded: prompt, completion up to and
-    including the first end-of-sequence token, padding. Labels mark the completion."""
-    g = stage.params["generation"]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: every row's next token is generated at one column
-        input_ids[i, width - len(p):] = torch.tensor(p)
-        attention[i, width - len(p):] = 1
-    was_training = actor.training
-    actor.eval()
-    try:
-        with torch.no_grad():
-            generated = actor.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-                do_sample=g["do_sample"], temperature=g["temperature"], top_k=g["top_k"], top_p=g["top_p"],
-                pad_token_id=pad_id, eos_token_id=eos_id,
-            )
-    finally:
-        actor.train(was_training)
-    rows = []
-    for i, p in enumerate(prompts):
-        new = generated[i, width:].tolist()
-        if eos_id is not None and eos_id in new:
-            new = new[: new.index(eos_id) + 1]
-        if not new:  # an empty completion has nothing to score; keep one token so every row counts
-            new = [eos_id if eos_id is not None else pad_id]
-        rows.append(TrainRow(tuple(p) + tuple(new), (IGNORE_INDEX,) * len(p) + tuple(new), i))
-    return collate_rows(rows, pad_id)
-
-
 # ---------------------------------------------------------------------------------------------
 # the stage
 
@@ -150,7 +117,7 @@ class PpoStage:
         self.ptx_rows = read_training_rows(run.build_dir / config.data[p["ptx_data"]].train) if p["ptx_coef"] > 0 else []
         self.pad_id = config.model.pad_token_id
         self.eos_id = config.model.eos_token_id
-        self.max_new_tokens = self._max_new_tokens(data)
+        self.max_new_tokens = generation_length(stage, run.build_dir / data.train)
 
         disable_dropout(start)
         frozen = frozen_reference(run, stage, start)
@@ -172,31 +139,13 @@ class PpoStage:
                                            updates)
         self.critic = critic
 
-    def _max_new_tokens(self, data) -> int:
-        """The recipe's max_new_tokens, or for "auto" the longest completion in the stage's data."""
-        wanted = self.params["generation"]["max_new_tokens"]
-        if isinstance(wanted, int):
-            return wanted
-        rows = read_training_rows(self.run.build_dir / data.train)
-        longest = max((sum(1 for t in r.labels if t != IGNORE_INDEX) for r in rows), default=0)
-        return longest or 64
-
     def updates_per_rollout(self) -> int:
         """Optimizer steps of one pass (of `ppo_epochs`) over a rollout batch."""
-        micro = -(-self.params["rollout_batch_size"] // self.stage.micro_batch_size)
-        return -(-micro // self.stage.grad_accum)
+        return updates_per_pass(self.params["rollout_batch_size"], self.stage)
 
     def step_prompts(self, step: int) -> list[tuple[int, ...]]:
-        """This process's prompts for one step: a seeded shuffle per pass over the prompts."""
-        n, d = self.params["rollout_batch_size"], self.run.d
-        start = (step * d.world + d.rank) * n
-        out = []
-        for k in range(start, start + n):
-            epoch, i = divmod(k, len(self.prompts))
-            order = list(range(len(self.prompts)))
-            random.Random(self.run.config.seed + epoch).shuffle(order)
-            out.append(self.prompts[order[i]])
-        return out
+        """This process's prompts for one step."""
+        return step_share(self.prompts, self.params["rollout_batch_size"], step, self.run.d, self.run.config.seed)
 
     def ptx_batch(self, update: int) -> dict[str, torch.Tensor]:
         n = self.stage.micro_batch_size
@@ -263,7 +212,18 @@ class PpoStage:
         return {k: v / micro_total for k, v in sums.items()}
 
     @torch.no_grad()
-    def heldout_reward(self) -> dict | None:
+    def lr(self) -> float:
+        return self.actor_backend.lr()
+
+    def step(self, step: int, generator: torch.Generator) -> StepResult:
+        """One rollout batch and its `ppo_epochs` passes of updates."""
+        r = self.rollout(self.step_prompts(step))
+        losses = self.update(r, step * self.params["ppo_epochs"] * self.updates_per_rollout(), generator)
+        return StepResult(int(r.batch["attention_mask"].sum()), {
+            "reward_mean": float(r.scores.mean()), "kl": float(r.kl.mean()),
+            "completion_tokens": float(r.mask.sum(dim=1).mean()), **losses})
+
+    def heldout(self) -> dict | None:
         """Mean reward of sampled completions of the held-out prompts, with a fixed sampling seed."""
         if not self.heldout_prompts:
             return None
@@ -295,44 +255,18 @@ class PpoStage:
 
 def train(run: Run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn.Module, StageReport]:
     """Run one PPO stage (resumable at rollout boundaries); returns the actor and the report."""
-    d = run.d
     ppo = PpoStage(run, index, stage, model)
     params = count_parameters(ppo.actor)
-    before = ppo.heldout_reward() if d.is_main else None
-    start = resume(run, index, stage, ppo.steps, ppo)
-    log = StageLog(run, index, stage, ppo.steps, start)
-    step = start.step
-    window: dict[str, float] = {}
-    window_steps = window_tokens = 0
-    while step < ppo.steps:
-        # The update shuffle is seeded by the step, so a resumed run repeats it exactly.
-        generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step)
-        r = ppo.rollout(ppo.step_prompts(step))
-        losses = ppo.update(r, step * stage.params["ppo_epochs"] * ppo.updates_per_rollout(), generator)
-        step += 1
-        window_steps += 1
-        window_tokens += int(r.batch["attention_mask"].sum())
-        for key, value in {"reward_mean": float(r.scores.mean()), "kl": float(r.kl.mean()),
-                           "completion_tokens": float(r.mask.sum(dim=1).mean()), **losses}.items():
-            window[key] = window.get(key, 0.0) + value
-        if log.due(step):
-            means = {k: round(v / window_steps, 5) for k, v in window.items()}
-            log.record(step, window_tokens, lr=ppo.actor_backend.lr(), loss=means["policy_loss"], **means)
-            window, window_steps, window_tokens = {}, 0, 0
-        else:
-            log.tick(step)
-        checkpoint_if_due(run, index, stage, log, ppo, step, epoch=0, batch=step)
-    wall_s = log.close()
-    first, final = log.first, log.final
+    driven = drive(run, index, stage, ppo)
+    first, final = driven.log.first, driven.log.final
     extra = {}
-    if d.is_main:
-        extra["heldout"] = heldout = {"before": before, "after": ppo.heldout_reward()}
-        run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")
+    if driven.heldout is not None:
+        extra["heldout"] = driven.heldout
         critic_dir = run.build_dir / stage_dir(stage.name) / CRITIC_DIR  # beside the actor's stages/<name>/model
         critic_dir.parent.mkdir(parents=True, exist_ok=True)
         write_tree(critic_dir, lambda tmp: ppo.critic.save_pretrained(tmp, safe_serialization=True))
     report = stage_report(
-        stage, log, wall_s, examples=len(ppo.prompts), params=params, loss_unit="tokens",
+        stage, driven.log, driven.wall_s, examples=len(ppo.prompts), params=params, loss_unit="tokens",
         first_reward=first.reward_mean if first else None, final_reward=final.reward_mean if final else None,
         final_kl=final.kl if final else None, max_new_tokens=ppo.max_new_tokens, **extra,
     )
