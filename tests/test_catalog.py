@@ -64,6 +64,8 @@ def _meta_model(stem: str) -> torch.nn.Module:
 def _first_decoder_layer(model: torch.nn.Module, family: str) -> torch.nn.Module:
     if family == "gpt2":
         return model.transformer.h[0]
+    if hasattr(model.model, "language_model"):  # a multimodal checkpoint: the language model's blocks
+        return model.model.language_model.layers[0]
     return model.model.layers[0]
 
 

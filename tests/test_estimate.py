@@ -216,3 +216,84 @@ def test_active_parameters_of_mixtures_of_experts(name: str, active: int) -> Non
     idle = a.layers * (a.experts - a.experts_per_token) * 3 * a.hidden * a.expert_intermediate
     assert active_parameters(a) == parameters(a).total - idle == active
     assert expert_parameters(a) == 3 * a.hidden * a.expert_intermediate
+
+
+# Multimodal Gemma-3: the language model is planned from text_config; the SigLIP tower and the
+# projector are counted apart (loaded with the weights, never trained or run on text).
+_GEMMA3_MULTIMODAL = ["gemma-3-4b", "gemma-3-12b", "gemma-3-27b"]
+
+
+def test_vision_tower_of_gemma_3_4b_counted_by_hand() -> None:
+    from compiler.estimation.vision import vision_parameters
+
+    # SigLIP so400m at 896 px, patch 14: conv 3*14*14*1152 + 1152 = 678,528; 64*64 positions x 1152 =
+    # 4,718,592. Per layer: two LayerNorms 4*1152, q/k/v/out 4*(1152^2 + 1152) = 5,313,024, fc1
+    # 1152*4304 + 4304 = 4,962,512, fc2 4304*1152 + 1152 = 4,959,360: 15,239,504, x 27 = 411,466,608.
+    # Post-LayerNorm 2*1152. Projector: RMSNorm 1152 + 1152 x 2560 = 2,950,272.
+    expected = 678_528 + 4_718_592 + 411_466_608 + 2_304 + 2_950_272
+    assert vision_parameters(load_model_facts("gemma-3-4b").vision, 2560) == expected == 419_816_304
+
+
+@pytest.mark.parametrize("name", _GEMMA3_MULTIMODAL)
+def test_multimodal_gemma_3_text_and_vision_counts_equal_the_meta_model(name: str) -> None:
+    import tomllib
+
+    from compiler.estimation.catalog import model_catalog
+
+    facts = load_model_facts(name)
+    assert facts.family == "gemma3_text" and facts.vision is not None
+    counts = parameters(architecture(facts))
+    with torch.device("meta"):
+        text_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**facts.config))
+        full_config = tomllib.loads(model_catalog()[name].read_text())["config"]
+        full = AutoModelForCausalLM.from_config(AutoConfig.for_model(**full_config))
+    assert type(text_model).__name__ == "Gemma3ForCausalLM"
+    assert counts.text == sum(p.numel() for p in text_model.parameters())
+    tower = sum(p.numel() for n, p in full.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n)
+    assert counts.vision == tower
+    assert counts.total == sum(p.numel() for p in full.parameters()) == facts.parameters
+
+
+def _tiny_gemma3_multimodal() -> ModelFacts:
+    text = {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 512}
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 48,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14,
+              "vision_use_head": False}
+    from compiler.estimation.catalog import facts_from_config
+
+    return facts_from_config({"model_type": "gemma3", "text_config": text, "vision_config": vision,
+                              "mm_tokens_per_image": 4}, "tiny", "tiny")
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_lora_on_a_multimodal_gemma_3_leaves_the_vision_tower_alone(targets) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from compiler.estimation.vision import VISION_MODULES
+
+    facts = _tiny_gemma3_multimodal()
+    config = AutoConfig.for_model("gemma3", text_config=facts.config, vision_config=facts.vision,
+                                  mm_tokens_per_image=4)
+    # By hand, q_proj/v_proj: q 64 -> 64, v 64 -> 32; rank 8: 8*(64+64) + 8*(64+32) = 1,792 per block.
+    if targets != "all-linear":
+        assert lora_parameters(architecture(facts), 8, targets) == 2 * 1_792
+    for exclude, adapts_tower in ((VISION_MODULES, False), (None, True)):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets, exclude_modules=exclude))
+        trainable = {n: p.numel() for n, p in peft_model.named_parameters() if p.requires_grad}
+        assert any("vision_tower" in n for n in trainable) == adapts_tower
+        if not adapts_tower:
+            assert lora_parameters(architecture(facts), 8, targets) == sum(trainable.values())
+
+
+def test_full_fine_tuning_of_a_multimodal_gemma_3_trains_the_language_model() -> None:
+    from compiler.estimation.params import active_parameters
+    from compiler.estimation.stages import trainable_parameters
+    from compiler.loading.recipe import FullAdapter
+
+    a = architecture(load_model_facts("gemma-3-4b"))
+    counts = parameters(a)
+    assert trainable_parameters(a, FullAdapter(kind="full")) == counts.total - 419_816_304 == 3_880_263_168
+    assert active_parameters(a) == 3_880_263_168  # FLOPs: a text token never reaches the tower

@@ -114,6 +114,7 @@ def build_plan(
                 "total": total_parameters.total,
                 "embedding": total_parameters.embedding,
                 "non_embedding": total_parameters.non_embedding,
+                **({"vision": total_parameters.vision} if total_parameters.vision else {}),
                 **({"active": active_parameters(arch)} if arch.sparse_layers else {}),
             },
             **_model_extras(arch, meta_check),

@@ -16,6 +16,7 @@ from compiler.diagnostics import Diagnostic
 from compiler.emission.packing import packs, training_items
 from compiler.estimation.catalog import ModelFacts
 from compiler.estimation.params import Architecture, all_linear_names
+from compiler.estimation.vision import VISION_MODULES
 from compiler.loading.loader import LoadedRecipe, display_path
 from compiler.loading.recipe import (
     GrpoStage,
@@ -167,6 +168,10 @@ def _adapter_spec(adapter, arch: Architecture) -> AdapterSpec:
         # A mixture of experts: peft's "all-linear" would also adapt the router and the routed
         # experts' 3-D tensors; the resolved list adapts the model's linear layers only.
         params["targets"] = list(all_linear_names(arch))
+    if adapter.kind == "lora" and arch.vision:
+        # peft matches target names anywhere: the vision tower's q/k/v_proj (and, for "all-linear",
+        # its fc1/fc2) would be adapted too. The plan counts the language model's layers only.
+        params["exclude_modules"] = VISION_MODULES
     return AdapterSpec(kind=adapter.kind, params=params)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.estimation.families import FAMILIES, family_of, text_config
+from compiler.estimation.vision import vision_config
 from runtime.contract.paths import specs_dir
 
 class CatalogError(Exception):
@@ -31,6 +32,7 @@ class ModelFacts:
     hub: str | None = None
     parameters: int | None = None  # published total, when the catalog records it
     chat_template: str | None = None
+    vision: dict[str, Any] | None = None  # a multimodal checkpoint's vision_config (its tower is not trained)
 
     def _get(self, *keys: str, default: Any = None) -> Any:
         for key in keys:
@@ -103,13 +105,15 @@ def load_model_facts(name: str) -> ModelFacts:
     """The catalog entry `name` (or alias)."""
     path = model_catalog()[name]
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    config = dict(raw["config"])
     return ModelFacts(
         name=name,
         family=raw["family"],
-        config=dict(raw["config"]),
+        config=text_config(config),
         hub=raw.get("hub"),
         parameters=raw.get("parameters"),
         chat_template=raw.get("chat_template") or None,
+        vision=vision_config(config),
     )
 
 
@@ -147,8 +151,8 @@ def facts_from_config(config: dict[str, Any], name: str, shown: str, hub: str | 
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise CatalogError(f"{shown} has no model_type; it is not a Hugging Face model config.json")
-    config = text_config(config)
-    return ModelFacts(name=name, family=family_of(config), config=config, hub=hub)
+    text = text_config(config)
+    return ModelFacts(name=name, family=family_of(text), config=text, hub=hub, vision=vision_config(config))
 
 
 @dataclass(frozen=True)

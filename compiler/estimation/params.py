@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from compiler.estimation.catalog import ModelFacts
 from compiler.estimation.families import FAMILIES, all_linear_targets
+from compiler.estimation.vision import vision_parameters
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Architecture:
     shared_intermediate: int = 0  # width of the always-on shared expert (0: none)
     sparse_layers: int = 0  # blocks whose MLP is the mixture of experts
     meta: MetaCount | None = None  # set for the generic family: counts from the meta model
+    vision: int = 0  # a multimodal checkpoint's vision tower and projector (loaded, never trained or run)
 
     @property
     def q_width(self) -> int:
@@ -115,6 +117,7 @@ def architecture(facts: ModelFacts, vocab_size: int | None = None, n_positions: 
         shared_intermediate=shared_i,
         sparse_layers=sparse,
         meta=meta,
+        vision=vision_parameters(facts.vision, h) if facts.vision is not None else 0,
     )
 
 
@@ -183,32 +186,40 @@ def block_parameters(a: Architecture, sparse: bool | None = None) -> int:
 
 @dataclass(frozen=True)
 class ParameterCount:
-    total: int
+    total: int  # the vision tower's included
     embedding: int  # token (+ position) embeddings, and an untied output layer
     per_layer: int
+    vision: int = 0  # the vision tower and projector of a multimodal checkpoint
 
     @property
     def non_embedding(self) -> int:
         return self.total - self.embedding
 
+    @property
+    def text(self) -> int:
+        """The language model's own parameters: what text-only training computes with."""
+        return self.total - self.vision
+
 
 def parameters(a: Architecture) -> ParameterCount:
     """Every parameter of the model, counting tied input/output embeddings once."""
     if a.meta is not None:
-        return ParameterCount(total=a.meta.total, embedding=a.meta.embedding, per_layer=a.meta.per_layer)
+        return ParameterCount(total=a.meta.total + a.vision, embedding=a.meta.embedding, per_layer=a.meta.per_layer,
+                              vision=a.vision)
     embedding = a.vocab_size * a.hidden + a.positions * a.hidden
     if not a.tied_embeddings:
         embedding += a.vocab_size * a.hidden  # the LM head
     per_layer = block_parameters(a)
     blocks = a.sparse_layers * block_parameters(a, True) + a.dense_layers * block_parameters(a, False)
-    total = embedding + blocks + _norm_params(a)  # + final norm
-    return ParameterCount(total=total, embedding=embedding, per_layer=per_layer)
+    total = embedding + blocks + _norm_params(a) + a.vision  # + final norm
+    return ParameterCount(total=total, embedding=embedding, per_layer=per_layer, vision=a.vision)
 
 
 def active_parameters(a: Architecture) -> int:
-    """Parameters one token passes through: all but the routed experts the router does not pick."""
+    """Parameters one token passes through: all but the routed experts the router does not pick
+    (and a vision tower, which a text token never reaches)."""
     idle = a.sparse_layers * (a.experts - a.experts_per_token) * expert_parameters(a)
-    return parameters(a).total - idle
+    return parameters(a).text - idle
 
 
 def _layer_kinds(a: Architecture) -> list[tuple[int, bool]]:

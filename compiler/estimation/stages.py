@@ -103,14 +103,15 @@ class StageEstimate:
 
 
 def trainable_parameters(arch: Architecture, adapter) -> int:
-    """Parameters the adapter trains (all of them for a full fine-tune)."""
+    """Parameters the adapter trains (all of the language model's for a full fine-tune: a vision
+    tower gets no gradient from text, so it holds no gradient or optimizer state)."""
     if isinstance(adapter, LoraAdapter):
         return lora_parameters(arch, adapter.rank, adapter.targets)
     if isinstance(adapter, PrefixAdapter):
         return prefix_parameters(arch, adapter.num_virtual_tokens, adapter.projection, adapter.projection_hidden_size)
     if isinstance(adapter, FreezeAdapter):
         return freeze_parameters(arch, adapter.trainable_layers, adapter.train_embeddings)
-    return parameters(arch).total
+    return parameters(arch).text
 
 
 def _coefficients(family: str) -> dict[str, ActivationCoefficients]:
@@ -133,8 +134,10 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
         tokens, supervised = tokens * stage.group_size, supervised * stage.group_size
     pairs = isinstance(stage, DpoStage) or (isinstance(stage, RewardStage) and stage.objective == "pairwise")
     sequences = 2 if pairs else 1
+    # A vision tower is held like a frozen model beside the language model the stage trains.
+    vision = (total.vision,) if total.vision else ()
     setup = TrainSetup(
-        total_parameters=total.total, trainable_parameters=trainable, micro_batch_size=t.micro_batch_size,
+        total_parameters=total.text, trainable_parameters=trainable, micro_batch_size=t.micro_batch_size,
         seq_len=max_total_tokens,
         supervised_per_example=1 if isinstance(stage, RewardStage) else max(1, max_completion_tokens if stage.kind == "sft"
                                                                              else max_total_tokens),
@@ -143,12 +146,12 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
         world_size=world, zero_stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
         offload_params=hw.offload_params, gradient_checkpointing=hw.gradient_checkpointing, attention=hw.attention,
         grad_accum=t.grad_accum, dropout=dropout, sequences_per_example=sequences,
-        frozen_model_parameters=_frozen_models(stage, adapter, total.total), coefficients=_coefficients(family),
+        frozen_model_parameters=vision + _frozen_models(stage, adapter, total.total), coefficients=_coefficients(family),
     )
     memory = train_memory(arch, setup)
     # A mixture of experts computes with the experts its router picks: FLOPs from active parameters.
     active_non_embedding = active_parameters(arch) - total.embedding
-    flops = _stage_flops(arch, stage, active_non_embedding, min(1.0, trainable / total.total), tokens * sequences,
+    flops = _stage_flops(arch, stage, active_non_embedding, min(1.0, trainable / total.text), tokens * sequences,
                          supervised * sequences, mean_seq_len)
     device = device_facts(recipe)
     fits = None if device.memory_gib is None else memory.peak_bytes <= device.memory_gib * GIB

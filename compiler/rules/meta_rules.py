@@ -91,6 +91,7 @@ def check_with_meta_model(loaded: LoadedRecipe, facts: ModelFacts) -> tuple[Meta
                                       built.expert_parameters)
     if problems:
         raise RecipeError(problems)
-    if facts.modelled and parameters(architecture(facts)).total == built.count.total:
+    # the meta model is the language model alone (a multimodal config's text_config)
+    if facts.modelled and parameters(architecture(facts)).text == built.count.total:
         return None, MetaCheck(checked=True, generic=False)
     return built.count, MetaCheck(checked=True, generic=True)

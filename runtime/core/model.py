@@ -132,8 +132,9 @@ def converted_asset(name: str) -> Path:
 
 
 def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
-    """The model's list of decoder blocks (`transformer.h` for GPT-2, `model.layers` for Llama)."""
-    n = model.config.num_hidden_layers
+    """The model's list of decoder blocks (`transformer.h` for GPT-2, `model.layers` for Llama; a
+    multimodal checkpoint's language model, whose config is its text config)."""
+    n = model.config.get_text_config().num_hidden_layers
     for _, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module
@@ -175,7 +176,7 @@ def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec, *, scalar: bool 
         # SEQ_CLS makes peft train and save the new `score` head along with the low-rank matrices.
         config = LoraConfig(
             task_type=TaskType.SEQ_CLS if scalar else TaskType.CAUSAL_LM, r=p["rank"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
-            target_modules=p["targets"], bias=p["bias"], use_rslora=p["rslora"],
+            target_modules=p["targets"], exclude_modules=p.get("exclude_modules"), bias=p["bias"], use_rslora=p["rslora"],
             fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores Conv1D weights transposed
         )
     elif adapter.kind == "prefix":
