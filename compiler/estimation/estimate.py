@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from compiler.estimation.attention import attention_bytes, final_softcap_bytes_per_logit
 from compiler.estimation.params import Architecture, block_linear_weights, block_parameters, linear_shapes
 
 GIB = 1024**3
@@ -187,8 +188,6 @@ def activation_bytes(a: Architecture, st: TrainSetup) -> int:
                        + c.lora_dropout_per_input * st.lora_dropout_inputs)
     if not st.coefficients:  # Korthikanti counts 2-byte values; scale to the working width
         per_token_layer *= _WORKING_BYTES[st.precision] / 2
-    if st.attention == "eager":  # attention scores and softmax, [heads, s, s] per sequence, working width
-        per_token_layer += 2 * a.heads * st.seq_len * _WORKING_BYTES[st.precision]
     if st.gradient_checkpointing:
         # each layer keeps its input (one hidden-width value per token, in the residual stream's
         # dtype: fp32 under autocast over fp32 weights, which compiler.estimation.precise measures as 4 bytes);
@@ -198,6 +197,11 @@ def activation_bytes(a: Architecture, st: TrainSetup) -> int:
     else:
         per_model = tokens * a.layers * per_token_layer
     per_model += tokens * c.outside_per_hidden * a.hidden
+    # the s x s terms (eager scores, sdpa's sliding-window masks): compiler.estimation.attention
+    per_model += attention_bytes(a.attention, layers=a.layers, heads=a.heads, seq_len=st.seq_len,
+                                 sequences=st.micro_batch_size * st.sequences_per_example,
+                                 implementation=st.attention, working_bytes=_WORKING_BYTES[st.precision],
+                                 checkpointed=st.gradient_checkpointing)
     # (autocast's half-precision copies of fp32 weights are the working copies counted in the weights)
     return int(per_model)
 
@@ -255,8 +259,9 @@ def train_memory(a: Architecture, setup: TrainSetup) -> MemoryEstimate:
     activations = activation_bytes(a, st)
     # logits at supervised positions only, at the bytes the loss implementation holds per logit
     working_values, fp32_values = _LOSS_LOGIT_VALUES[st.loss_logits]
-    logits = (st.micro_batch_size * st.sequences_per_example * st.supervised_per_example * a.vocab_size
-              * (working_values * working + fp32_values * 4))
+    loss_width = 4 if fp32_values else working
+    per_logit = working_values * working + fp32_values * 4 + final_softcap_bytes_per_logit(a.attention, loss_width)
+    logits = st.micro_batch_size * st.sequences_per_example * st.supervised_per_example * a.vocab_size * per_logit
     overhead = _CUDA_OVERHEAD_BYTES if st.device == "cuda" else 0
     held_gradients = gradients if st.grad_accum > 1 or st.optimizer_in_backward else 0
     forward_end = activations + logits + held_gradients

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compiler.estimation.attention import AttentionFacts, attention_facts
 from compiler.estimation.catalog import ModelFacts
 from compiler.estimation.families import FAMILIES, all_linear_targets
 from compiler.estimation.vision import vision_parameters
@@ -48,6 +49,7 @@ class Architecture:
     sparse_layers: int = 0  # blocks whose MLP is the mixture of experts
     meta: MetaCount | None = None  # set for the generic family: counts from the meta model
     vision: int = 0  # a multimodal checkpoint's vision tower and projector (loaded, never trained or run)
+    attention: AttentionFacts = AttentionFacts()  # sliding-window layers and soft-capping
 
     @property
     def q_width(self) -> int:
@@ -118,6 +120,7 @@ def architecture(facts: ModelFacts, vocab_size: int | None = None, n_positions: 
         sparse_layers=sparse,
         meta=meta,
         vision=vision_parameters(facts.vision, h) if facts.vision is not None else 0,
+        attention=attention_facts(c, facts.family, facts.num_layers),
     )
 
 

@@ -46,6 +46,7 @@ def _check_model(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
                         key if key != ("adapter",) or "adapter" in ctx.loaded.text else ("model", "quantization"),
                         'use kind = "lora" or "prefix", or quantization = "none"',
                     ))
+    out += _check_attention(ctx, facts)
     tokens = ctx.recipe.tokens.max_total
     if facts is not None and isinstance(model, PretrainedModel) and isinstance(tokens, int):
         if tokens > facts.max_positions:
@@ -62,6 +63,26 @@ def _check_model(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
                 'set model.n_positions = "auto" to size the model from the budget',
             ))
     return out
+
+
+def _check_attention(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
+    """SDPA cannot soft-cap attention scores, so transformers refuses it for Gemma-2 (and any model
+    whose config soft-caps them would be computed without the cap)."""
+    if facts is None or ctx.recipe.hardware.attention != "sdpa":
+        return []
+    cap = facts.config.get("attn_logit_softcapping")
+    if not cap and facts.family != "gemma2":
+        return []
+    why = f"soft-caps its attention scores (attn_logit_softcapping = {cap})" if cap else "is a Gemma-2 model"
+    written = "attention" in ctx.recipe.hardware.model_fields_set
+    return [ctx.error(
+        f"{facts.name} {why}, which torch's scaled_dot_product_attention cannot compute, so transformers "
+        f'loads it only with eager attention or flash_attention_2; hardware.attention = "sdpa"'
+        f'{"" if written else " (the default)"} would fail when training starts',
+        ("hardware", "attention") if written else ("hardware",),
+        'set attention = "eager" in [hardware] (or "flash_attention_2" on cuda; the plan counts eager\'s '
+        "[heads, seq, seq] scores in every layer)",
+    )]
 
 
 def _check_tokenizer(ctx: Context) -> list[Diagnostic]:

@@ -38,6 +38,9 @@ class TokenLoss(nn.Module):
         inner = hf_model(model)
         # A tuple, not attributes: registering them as submodules would list every weight twice.
         self._parts = (inner.base_model, inner.get_output_embeddings())
+        # Gemma-2's tanh soft-capping of the logits, which the model's own forward applies after the
+        # head: applied here too, since this loss calls the head itself.
+        self._final_softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
         config = getattr(model, "active_peft_config", None)
         self._prefix = config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0
 
@@ -100,6 +103,8 @@ class TokenLoss(nn.Module):
         supervised = targets != IGNORE_INDEX  # [batch, seq-1]
         selected = hidden[:, :-1][supervised]  # [n_supervised, hidden]
         logits = head(selected).float()  # [n_supervised, vocab]
+        if self._final_softcap:
+            logits = torch.tanh(logits / self._final_softcap) * self._final_softcap
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return F.cross_entropy(logits, targets[supervised], reduction="none"), supervised
