@@ -297,3 +297,28 @@ def test_full_fine_tuning_of_a_multimodal_gemma_3_trains_the_language_model() ->
     counts = parameters(a)
     assert trainable_parameters(a, FullAdapter(kind="full")) == counts.total - 419_816_304 == 3_880_263_168
     assert active_parameters(a) == 3_880_263_168  # FLOPs: a text token never reaches the tower
+
+
+def test_active_parameters_of_a_mixture_without_formulas_from_its_meta_model() -> None:
+    from compiler.estimation.catalog import facts_from_config
+    from compiler.estimation.meta_model import meta_model
+    from compiler.estimation.params import active_parameters
+
+    config = {"model_type": "deepseek_v2", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
+              "first_k_dense_replace": 1, "intermediate_size": 80, "moe_intermediate_size": 8,
+              "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+              "qk_rope_head_dim": 4, "v_head_dim": 8, "tie_word_embeddings": False}
+    facts = facts_from_config(config, "tiny-deepseek", "tiny-deepseek")
+    assert facts.family == "generic"
+    # By hand. Attention: q 32 -> 2 x (8 + 4) = 768, kv_a 32 -> 16 + 4 = 640, its norm 16, kv_b
+    # 16 -> 2 x (8 + 8) = 512, o 16 -> 32 = 512: 2,448; two norms 64. Block 0 (dense): MLP
+    # 3 x 32 x 80 = 7,680. Block 1: 4 routed experts of 3 x 32 x 8 = 768 each, the router 4 x 32,
+    # one shared expert 768. Embeddings 100 x 32, the untied head the same, the final norm 32.
+    block0 = 2_448 + 64 + 7_680
+    block1 = 2_448 + 64 + 4 * 768 + 128 + 768
+    total = 2 * 3_200 + 32 + block0 + block1
+    a = architecture(facts, meta=meta_model(facts).count)
+    assert parameters(a).total == total == 23_104
+    assert a.meta.routed == ((4, 768),)
+    assert active_parameters(a) == total - (4 - 2) * 768 == 21_568  # two of the four experts idle

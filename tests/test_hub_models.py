@@ -154,6 +154,13 @@ def test_unknown_architecture_is_planned_from_its_meta_model_with_generic_terms(
     assert model["family"] == "generic"
     assert model["parameters"]["total"] == 15_706_484_224  # the Hub's published safetensors total
     assert model["counted_by"] == "meta model" and model["generic_terms"]
+    # Active by hand: 27 blocks, the first dense (first_k_dense_replace = 1); each of the other 26
+    # routes a token to 6 of its 64 experts, each expert 3 x 2,048 x 1,408 (gate, up, down).
+    idle = 26 * (64 - 6) * 3 * 2048 * 1408
+    assert model["parameters"]["active"] == 15_706_484_224 - idle == 2_661_150_208
+    assert model["experts"] == {"routed": 64, "per_token": 6, "expert_parameters": 3 * 2048 * 1408,
+                                "sparse_layers": 26}
+    assert plan["stages"][0]["params"]["active"] == 2_661_150_208
     assert plan["stages"][0]["memory"]["peak_gib"] > 15_706_484_224 * 2 / 2**30  # bf16 weights at least
     # The routed experts are 3-D tensors: "all-linear" was resolved to the linear layers only.
     runtime = subprocess.run([sys.executable, "-m", "compiler.cli", "compile", str(recipe), "--out",

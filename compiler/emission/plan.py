@@ -11,7 +11,7 @@ from compiler.diagnostics import Diagnostic
 from compiler.emission.packing import packing_entry
 from compiler.estimation.catalog import ModelFacts
 from compiler.estimation.estimate import GIB
-from compiler.estimation.params import Architecture, ParameterCount, active_parameters
+from compiler.estimation.params import Architecture, ParameterCount, active_parameters, routes_experts
 from compiler.loading.loader import LoadedRecipe, display_path
 from compiler.loading.overrides import Override
 from compiler.views.plan_md import summary_line
@@ -54,7 +54,7 @@ def build_plan(
                     "total": est.total_parameters,
                     "trainable": est.trainable_parameters,
                     "trainable_fraction": round(est.trainable_parameters / est.total_parameters, 6),
-                    **({"active": active_parameters(arch)} if arch.sparse_layers else {}),
+                    **({"active": active_parameters(arch)} if routes_experts(arch) else {}),
                 },
                 "epochs": stage.epochs if stage.max_steps is None else None,
                 "max_steps": stage.max_steps,
@@ -115,7 +115,7 @@ def build_plan(
                 "embedding": total_parameters.embedding,
                 "non_embedding": total_parameters.non_embedding,
                 **({"vision": total_parameters.vision} if total_parameters.vision else {}),
-                **({"active": active_parameters(arch)} if arch.sparse_layers else {}),
+                **({"active": active_parameters(arch)} if routes_experts(arch) else {}),
             },
             **_model_extras(arch, meta_check),
         },
@@ -157,6 +157,9 @@ def _model_extras(arch: Architecture, meta_check: MetaCheck | None) -> dict[str,
         out["experts"] = {"routed": arch.experts, "per_token": arch.experts_per_token,
                           "expert_intermediate": arch.expert_intermediate, "sparse_layers": arch.sparse_layers,
                           "shared_intermediate": arch.shared_intermediate}
+    elif arch.meta is not None and arch.meta.routed:
+        out["experts"] = {"routed": arch.meta.routed[0][0], "per_token": arch.meta.experts_per_token,
+                          "expert_parameters": arch.meta.routed[0][1], "sparse_layers": len(arch.meta.routed)}
     if meta_check is not None and meta_check.checked:
         out["counted_by"] = "meta model" if meta_check.generic else "formula, equal to the meta model"
     if meta_check is not None and meta_check.generic:

@@ -62,6 +62,33 @@ def _blocks(model):
     return max(lists, key=len)
 
 
+def routed_experts(block) -> tuple[int, int] | None:
+    """(routed experts, parameters of one) of a mixture-of-experts block, None for a dense one.
+
+    transformers 5 stores a block's routed experts as 3-D tensors whose first dimension is the
+    expert (DeepSeek-V2's `experts.gate_up_proj`, [experts, 2 x width, hidden]); older layouts keep
+    an `experts` ModuleList of MLPs. Shared experts are ordinary linear layers, always active."""
+    from torch import nn
+
+    stacked = [p for p in block.parameters() if p.dim() == 3]
+    if stacked:
+        n = stacked[0].shape[0]
+        return n, sum(p.numel() for p in stacked) // n
+    for name, module in block.named_modules():
+        if name.rsplit(".", 1)[-1] == "experts" and isinstance(module, nn.ModuleList) and len(module) > 0:
+            return len(module), sum(p.numel() for p in module[0].parameters())
+    return None
+
+
+# config.json keys of the router's top-k, by the families that name it differently
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts")
+
+
+def experts_per_token(config: dict) -> int:
+    """How many routed experts the router picks per token (0 when the config does not say)."""
+    return next((int(config[k]) for k in _TOP_K_KEYS if isinstance(config.get(k), int)), 0)
+
+
 def meta_model(facts: ModelFacts) -> MetaModel:
     """Exact counts and module names of `facts`' architecture."""
     from torch import nn
@@ -86,8 +113,10 @@ def meta_model(facts: ModelFacts) -> MetaModel:
     )
     experts = {n.rsplit(".", 1)[-1] for block in blocks for n, p in block.named_parameters() if p.dim() == 3}
     names = {name for name, _, _, _ in every}
+    routed = [r for r in (routed_experts(block) for block in blocks) if r is not None]
     count = MetaCount(total=total, embedding=embedding, per_layer=sum(p.numel() for p in first.parameters()),
-                      linears=linears, all_linears=every, expert_tensors=bool(experts))
+                      linears=linears, all_linears=every, expert_tensors=bool(experts),
+                      routed=tuple(routed), experts_per_token=experts_per_token(facts.config) if routed else 0)
     return MetaModel(count=count, linear_modules=tuple(sorted(names)),
                      block_submodules=tuple(n for n, _ in first.named_children()),
                      expert_parameters=tuple(sorted(experts)))

@@ -25,6 +25,16 @@ class MetaCount:
     linears: tuple[tuple[str, int, int, bool], ...]  # the first block's nn.Linear layers
     all_linears: tuple[tuple[str, int, int, bool], ...]  # every block's, in order
     expert_tensors: bool  # the blocks hold 3-D expert tensors (a mixture of experts)
+    routed: tuple[tuple[int, int], ...] = ()  # per sparse block: (routed experts, parameters of one)
+    experts_per_token: int = 0  # the router's top-k, from the config (0: unknown)
+
+    @property
+    def idle_expert_parameters(self) -> int:
+        """Routed-expert parameters a token does not pass through: all but the top-k of each
+        sparse block (0 when the config gives no top-k: every parameter counted active)."""
+        if not self.experts_per_token:
+            return 0
+        return sum(max(0, n - self.experts_per_token) * one for n, one in self.routed)
 
 
 @dataclass(frozen=True)
@@ -221,8 +231,16 @@ def parameters(a: Architecture) -> ParameterCount:
 def active_parameters(a: Architecture) -> int:
     """Parameters one token passes through: all but the routed experts the router does not pick
     (and a vision tower, which a text token never reaches)."""
+    if a.meta is not None:
+        return parameters(a).text - a.meta.idle_expert_parameters
     idle = a.sparse_layers * (a.experts - a.experts_per_token) * expert_parameters(a)
     return parameters(a).text - idle
+
+
+def routes_experts(a: Architecture) -> bool:
+    """A mixture of experts whose active parameters are known (formulas, or the meta model's
+    expert tensors and the config's top-k)."""
+    return a.sparse_layers > 0 or (a.meta is not None and a.meta.idle_expert_parameters > 0)
 
 
 def _layer_kinds(a: Architecture) -> list[tuple[int, bool]]:

@@ -23,7 +23,9 @@ GENERIC_TERMS = (
     "parameters, embedding and per-block counts: the model built on the meta device (exact)",
     "LoRA and freeze counts: the first block's linear layers, repeated over every block",
     "activations: the Llama-block coefficients with the config's hidden, intermediate and key/value widths",
-    "FLOPs: 6 x parameters per token plus the attention term, all parameters active (no expert routing modelled)",
+    "FLOPs: 6 x active parameters per token plus the attention term; in a mixture of experts, the routed "
+    "experts of each block are counted from the meta model's expert tensors and the config's num_experts_per_tok "
+    "(without it, every parameter counts as active)",
 )
 
 
