@@ -322,3 +322,48 @@ def test_active_parameters_of_a_mixture_without_formulas_from_its_meta_model() -
     assert parameters(a).total == total == 23_104
     assert a.meta.routed == ((4, 768),)
     assert active_parameters(a) == total - (4 - 2) * 768 == 21_568  # two of the four experts idle
+
+
+def test_lora_on_mixtral_experts_counted_per_expert_by_hand() -> None:
+    a = architecture(load_model_facts("mixtral-8x7b"))
+    # 32 layers x 8 experts x rank 8 x [gate_up (4,096 in, 2 x 14,336 out) + down (14,336 in, 4,096 out)]
+    expected = 32 * 8 * 8 * ((4096 + 2 * 14336) + (14336 + 4096))
+    assert lora_parameters(a, 8, ["q_proj"], ["gate_up_proj", "down_proj"]) == (
+        lora_parameters(a, 8, ["q_proj"]) + expected)
+    assert expected == 104_857_600
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b"])
+@pytest.mark.parametrize("experts", [["gate_up_proj", "down_proj"], ["down_proj"]])
+def test_lora_on_routed_experts_equals_peft(name: str, experts: list[str]) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from compiler.estimation.params import all_linear_names
+
+    facts = _two_blocks(name)
+    a = architecture(facts)
+    resolved = list(all_linear_names(a))
+    model = get_peft_model(_meta(facts), LoraConfig(r=8, target_modules=resolved, target_parameters=experts))
+    assert lora_parameters(a, 8, "all-linear", experts) == _trainable(model)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("gate.weight"))  # the router
+
+
+def test_lora_on_routed_experts_of_a_family_without_formulas_equals_peft() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from compiler.estimation.catalog import facts_from_config
+    from compiler.estimation.meta_model import build_meta_model, meta_model
+
+    config = {"model_type": "deepseek_v2", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 3,
+              "first_k_dense_replace": 1, "intermediate_size": 80, "moe_intermediate_size": 8,
+              "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+              "qk_rope_head_dim": 4, "v_head_dim": 8}
+    facts = facts_from_config(config, "tiny-deepseek", "tiny-deepseek")
+    a = architecture(facts, meta=meta_model(facts).count)
+    # by hand: 2 sparse blocks x 4 experts x rank 4 x [gate_up 32 in, 16 out + down 8 in, 32 out]
+    assert lora_parameters(a, 4, ["q_proj"], ["gate_up_proj", "down_proj"]) - lora_parameters(a, 4, ["q_proj"]) \
+        == 2 * 4 * 4 * ((32 + 16) + (8 + 32)) == 2_816
+    peft_model = get_peft_model(build_meta_model(facts), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                     target_parameters=["gate_up_proj", "down_proj"]))
+    assert lora_parameters(a, 4, ["q_proj"], ["gate_up_proj", "down_proj"]) == _trainable(peft_model)

@@ -204,3 +204,32 @@ def test_validate_imports_no_heavy_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert len(examples) >= 5
     assert out.stdout.strip().splitlines()[-1] == "0 []", out.stderr
+
+
+def _lora_recipe(tmp_path: Path, hub: str, **lora) -> Path:
+    recipe = base_recipe()
+    recipe["model"] = {"init": "pretrained", "hub": hub}
+    recipe["adapter"] = {"kind": "lora", "targets": ["q_proj"], **lora}
+    return write_json_recipe(tmp_path, recipe)
+
+
+@pytest.mark.parametrize(("hub", "lora", "fragment", "help_fragment"), [
+    ("Qwen/Qwen2-7B-Instruct", {"expert_targets": ["down_proj"]}, "has no routed experts", "remove expert_targets"),
+    ("mistralai/Mixtral-8x7B-v0.1", {"expert_targets": ["gate_proj"]}, "not a routed-expert tensor",
+     'did you mean "gate_up_proj"'),
+    ("mistralai/Mixtral-8x7B-v0.1", {"targets": ["q_proj", "gate_up_proj"]}, "3-D tensor",
+     'expert_targets = ["gate_up_proj"]'),
+])
+def test_expert_targets_are_checked_against_the_model(tmp_path: Path, hub: str, lora: dict, fragment: str,
+                                                      help_fragment: str) -> None:
+    with pytest.raises(RecipeError) as caught:
+        validate(_lora_recipe(tmp_path, hub, **lora))
+    [problem] = caught.value.diagnostics
+    assert fragment in problem.message and help_fragment in (problem.help or ""), problem
+
+
+def test_expert_targets_need_lora_without_dropout(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as caught:
+        validate(_lora_recipe(tmp_path, "mistralai/Mixtral-8x7B-v0.1", expert_targets=["down_proj"], dropout=0.1))
+    assert any("set dropout = 0" in d.message for d in caught.value.diagnostics)
+    validate(_lora_recipe(tmp_path, "mistralai/Mixtral-8x7B-v0.1", expert_targets=["gate_up_proj", "down_proj"]))

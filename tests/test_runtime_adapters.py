@@ -221,3 +221,22 @@ def test_runtime_config_of_an_adapter_build_carries_the_planned_settings(tmp_pat
     config = load_runtime_config(tmp_path / "b")
     assert config.stages[0].adapter.kind == "lora" and config.stages[0].adapter.params["rank"] == 2
     assert config.model.init == "pretrained" and config.model.family == "llama"
+
+
+@pytest.mark.slow
+def test_lora_on_routed_experts_trains_one_pair_per_expert_as_planned(tmp_path: Path) -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=50257, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=256, bos_token_id=50256, eos_token_id=50256)
+    folder = tmp_path / "tiny-mixtral"
+    MixtralForCausalLM(config).save_pretrained(folder)
+    adapter = {"kind": "lora", "rank": 4, "alpha": 8, "targets": ["q_proj"], "expert_targets": ["gate_up_proj", "down_proj"]}
+    build = _build(tmp_path, "mixtral-experts", model=_pretrained(folder), adapter=adapter, train={"learning_rate": 1e-2})
+    assert _fell(_losses(build))
+    # by hand, per layer: q 4 x 32 + 32 x 4; each of 4 experts, gate_up (32 in, 48 out) and down (24 in, 32 out)
+    per_layer = (4 * 32 + 32 * 4) + 4 * 4 * ((32 + 48) + (24 + 32))
+    plan = json.loads((build / "plan.json").read_text())["stages"][0]
+    assert _report(build)[0]["params_trainable"] == plan["params"]["trainable"] == 2 * per_layer == 4864

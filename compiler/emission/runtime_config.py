@@ -168,6 +168,8 @@ def _adapter_spec(adapter, arch: Architecture) -> AdapterSpec:
         # A mixture of experts: peft's "all-linear" would also adapt the router and the routed
         # experts' 3-D tensors; the resolved list adapts the model's linear layers only.
         params["targets"] = list(all_linear_names(arch))
+    if adapter.kind == "lora" and not params["expert_targets"]:
+        del params["expert_targets"]  # asked for only in a mixture of experts: other builds stay as they were
     if adapter.kind == "lora" and arch.vision:
         # peft matches target names anywhere: the vision tower's q/k/v_proj (and, for "all-linear",
         # its fc1/fc2) would be adapted too. The plan counts the language model's layers only.

@@ -114,9 +114,12 @@ def meta_model(facts: ModelFacts) -> MetaModel:
     experts = {n.rsplit(".", 1)[-1] for block in blocks for n, p in block.named_parameters() if p.dim() == 3}
     names = {name for name, _, _, _ in every}
     routed = [r for r in (routed_experts(block) for block in blocks) if r is not None]
+    shapes = tuple((n.rsplit(".", 1)[-1], *p.shape) for block in blocks for n, p in block.named_parameters()
+                   if p.dim() == 3)
     count = MetaCount(total=total, embedding=embedding, per_layer=sum(p.numel() for p in first.parameters()),
                       linears=linears, all_linears=every, expert_tensors=bool(experts),
-                      routed=tuple(routed), experts_per_token=experts_per_token(facts.config) if routed else 0)
+                      routed=tuple(routed), experts_per_token=experts_per_token(facts.config) if routed else 0,
+                      expert_shapes=shapes)
     return MetaModel(count=count, linear_modules=tuple(sorted(names)),
                      block_submodules=tuple(n for n, _ in first.named_children()),
                      expert_parameters=tuple(sorted(experts)))

@@ -26,6 +26,7 @@ class MetaCount:
     all_linears: tuple[tuple[str, int, int, bool], ...]  # every block's, in order
     expert_tensors: bool  # the blocks hold 3-D expert tensors (a mixture of experts)
     routed: tuple[tuple[int, int], ...] = ()  # per sparse block: (routed experts, parameters of one)
+    expert_shapes: tuple[tuple[str, int, int, int], ...] = ()  # every block's 3-D tensors: (name, experts, out, in)
     experts_per_token: int = 0  # the router's top-k, from the config (0: unknown)
 
     @property
@@ -275,8 +276,22 @@ def block_linear_weights(a: Architecture) -> int:
     return sum(n * sum(i * o for _, i, o, _ in linear_shapes(a, sparse)) for n, sparse in _layer_kinds(a))
 
 
-def lora_parameters(a: Architecture, rank: int, targets: list[str] | str) -> int:
-    """Adapter weights: A (rank x in) and B (out x rank) for each targeted linear in every block."""
+def expert_lora_parameters(a: Architecture, rank: int, expert_targets: list[str] | tuple[str, ...]) -> int:
+    """LoRA on routed experts' 3-D tensors, one pair per expert (peft's ParamWrapper: A is
+    rank*experts x in, B out x rank*experts). transformers stores an expert's gate and up
+    projections as gate_up_proj, [experts, 2 x width, hidden], and down_proj as [experts, hidden, width]."""
+    if a.meta is not None:
+        return sum(n * rank * (i + o) for name, n, o, i in a.meta.expert_shapes if name in expert_targets)
+    shapes = {"gate_up_proj": (a.hidden, 2 * a.expert_intermediate), "down_proj": (a.expert_intermediate, a.hidden)}
+    return sum(a.sparse_layers * a.experts * rank * sum(shapes[name]) for name in expert_targets)
+
+
+def lora_parameters(a: Architecture, rank: int, targets: list[str] | str,
+                    expert_targets: list[str] | tuple[str, ...] = ()) -> int:
+    """Adapter weights: A (rank x in) and B (out x rank) for each targeted linear in every block,
+    and for each routed expert of the named expert tensors."""
+    if expert_targets:
+        return lora_parameters(a, rank, targets) + expert_lora_parameters(a, rank, expert_targets)
     if targets == "all-linear":
         targets = all_linear_names(a) or "all-linear"  # a mixture of experts: its gates stay frozen
     if a.meta is not None:

@@ -106,7 +106,7 @@ def trainable_parameters(arch: Architecture, adapter) -> int:
     """Parameters the adapter trains (all of the language model's for a full fine-tune: a vision
     tower gets no gradient from text, so it holds no gradient or optimizer state)."""
     if isinstance(adapter, LoraAdapter):
-        return lora_parameters(arch, adapter.rank, adapter.targets)
+        return lora_parameters(arch, adapter.rank, adapter.targets, adapter.expert_targets)
     if isinstance(adapter, PrefixAdapter):
         return prefix_parameters(arch, adapter.num_virtual_tokens, adapter.projection, adapter.projection_hidden_size)
     if isinstance(adapter, FreezeAdapter):

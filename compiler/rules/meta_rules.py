@@ -17,6 +17,7 @@ from compiler.estimation.params import MetaCount, architecture, parameters
 from compiler.loading.loader import LoadedRecipe
 from compiler.loading.recipe import FreezeAdapter, LoraAdapter, PretrainedModel, Recipe
 from compiler.rules.context import Key, q, suggest
+from compiler.rules.model_rules import expert_target_error
 
 # The memory and FLOP terms a family without formulas is planned with.
 GENERIC_TERMS = (
@@ -62,11 +63,15 @@ def check_adapters_against(loaded: LoadedRecipe, facts: ModelFacts, linear: tupl
                 if target in experts:
                     message = (f"{name}.targets names {q(target)}: in {facts.name} the routed experts' {target} is a "
                                "3-D tensor, not a linear layer, so LoRA cannot target it")
-                    help_ = "target the attention projections (and a shared expert's linears), or use kind = \"full\""
+                    help_ = (f'move it to expert_targets = ["{target}"] (one LoRA pair per expert), or target the '
+                             "attention projections (and a shared expert's linears)")
                 else:
                     message = f"{name}.targets names {q(target)}, which is not a linear layer of {facts.name}'s blocks"
                     help_ = suggest(target, linear, "its linear layers")
                 out.append(Diagnostic("error", message, help=help_, **loaded.where(key + ("targets",))))
+        if isinstance(adapter, LoraAdapter):
+            out += [expert_target_error(loaded, key, target, facts.name, experts)
+                    for target in adapter.expert_targets if target not in experts]
         if isinstance(adapter, FreezeAdapter):
             for module in adapter.trainable_modules:
                 if module not in submodules and module not in linear:

@@ -11,6 +11,7 @@ from compiler.diagnostics import Diagnostic
 from compiler.estimation.catalog import ModelFacts, hardware_catalog, load_accelerator
 from compiler.estimation.families import FAMILIES
 from compiler.estimation.params import architecture, linear_names
+from compiler.loading.loader import LoadedRecipe
 from compiler.loading.recipe import FreezeAdapter, FullAdapter, LoraAdapter, PretrainedModel, Recipe, ScratchModel
 from compiler.rules.context import Context, Key, model_facts, q, suggest, tokenizer_format
 
@@ -157,7 +158,8 @@ def _check_adapters(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
                         f"{'.'.join(map(str, key))}.targets names {q(target)}: in {facts.family} the routed experts' "
                         f"{target} is one 3-D tensor for all experts, not a linear layer, so LoRA cannot target it",
                         key + ("targets",),
-                        f"target the attention projections ({', '.join(known)}), or use kind = \"full\"",
+                        f'move it to expert_targets = ["{target}"] (one LoRA pair per expert), or target the '
+                        f"attention projections ({', '.join(known)})",
                     ))
                 elif target not in known:
                     out.append(ctx.error(
@@ -166,6 +168,8 @@ def _check_adapters(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
                         key + ("targets",),
                         suggest(target, known, f"{facts.family} linear layers"),
                     ))
+        if isinstance(adapter, LoraAdapter):
+            out += _check_expert_targets(ctx, key, adapter, facts.family, experts)
         if isinstance(adapter, FreezeAdapter):
             layers = adapter.trainable_layers
             too_many = layers > facts.num_layers if isinstance(layers, int) else any(i >= facts.num_layers for i in layers)
@@ -184,6 +188,24 @@ def _check_adapters(ctx: Context, facts: ModelFacts | None) -> list[Diagnostic]:
                         suggest(name, facts.block_submodules + facts.linear_modules, "modules"),
                     ))
     return out
+
+
+def _check_expert_targets(ctx: Context, key: Key, adapter: LoraAdapter, model: str,
+                          experts: tuple[str, ...]) -> list[Diagnostic]:
+    """adapter.expert_targets names routed-expert tensors the model has."""
+    return [expert_target_error(ctx.loaded, key, target, model, experts)
+            for target in adapter.expert_targets if target not in experts]
+
+
+def expert_target_error(loaded: LoadedRecipe, key: Key, target: str, model: str, experts: tuple[str, ...]) -> Diagnostic:
+    """The diagnostic for an expert_targets entry that names no routed-expert tensor of `model`."""
+    where = f"{'.'.join(map(str, key))}.expert_targets"
+    if not experts:
+        return Diagnostic("error", f"{where} names {q(target)}, but {model} has no routed experts stored as 3-D "
+                          "tensors", help="remove expert_targets (it is for mixtures of experts)",
+                          **loaded.where(key + ("expert_targets",)))
+    return Diagnostic("error", f"{where} names {q(target)}, which is not a routed-expert tensor of {model}",
+                      help=suggest(target, experts, "its expert tensors"), **loaded.where(key + ("expert_targets",)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,6 +177,8 @@ def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec, *, scalar: bool 
         config = LoraConfig(
             task_type=TaskType.SEQ_CLS if scalar else TaskType.CAUSAL_LM, r=p["rank"], lora_alpha=p["alpha"], lora_dropout=p["dropout"],
             target_modules=p["targets"], exclude_modules=p.get("exclude_modules"), bias=p["bias"], use_rslora=p["rslora"],
+            # routed experts stored as 3-D tensors: one LoRA pair per expert (peft's ParamWrapper)
+            target_parameters=p.get("expert_targets") or None,
             fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores Conv1D weights transposed
         )
     elif adapter.kind == "prefix":

@@ -121,6 +121,8 @@ class LoraAdapter(Section):
     """Dropout applied to the adapter input."""
     targets: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt, e.g. ["q_proj", "v_proj"], or "all-linear" for every linear layer in the blocks."""
+    expert_targets: list[str] = []
+    """Routed-expert tensors of a mixture of experts to adapt, one LoRA pair per expert, e.g. ["gate_up_proj", "down_proj"] (peft's target_parameters; needs dropout = 0)."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases are trained alongside the adapters."""
     rslora: bool = False
@@ -132,6 +134,9 @@ class LoraAdapter(Section):
     def _targets_not_empty(self) -> LoraAdapter:
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError('targets is empty; name modules like ["q_proj", "v_proj"] or use "all-linear"')
+        if self.expert_targets and self.dropout:
+            raise ValueError("expert_targets adapts the experts' 3-D tensors through peft's target_parameters, "
+                             "which works only without dropout; set dropout = 0")
         return self
 
 
