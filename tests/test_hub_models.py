@@ -191,3 +191,22 @@ def test_unreachable_hub_and_no_cache_fails_fast_with_the_ways_out(tmp_path: Pat
     assert "Traceback" not in done.stderr and SECRET not in done.stderr
     line = next(ln for ln in done.stderr.splitlines() if "Qwen/Qwen3-0.6B" in ln)
     assert "revision v1" in line and "network" in line and "HF_HUB_OFFLINE=1" in line and "config =" in line
+
+
+def test_multimodal_gemma_3_from_the_hub_plans_its_language_model_and_counts_the_tower(tmp_path: Path):
+    import tomllib
+
+    cache = tmp_path / "hf" / "hub"
+    config = tomllib.loads((REPO / "specs" / "models" / "gemma-3-4b.toml").read_text())["config"]
+    write_hub_cache(cache, "someone/gemma-3-4b-finetune", {"config.json": json.dumps(config)})
+    recipe = _recipe(tmp_path, "someone/gemma-3-4b-finetune")
+    data = json.loads(recipe.read_text())
+    data["template"]["chat"] = "chatml"
+    recipe.write_text(json.dumps(data))
+    done = _cli(_env(cache, HF_HUB_OFFLINE="1"), "plan", str(recipe), "--json")
+    assert done.returncode == 0, done.stderr
+    model = json.loads(done.stdout)["model"]
+    assert model["family"] == "gemma3_text"
+    assert model["counted_by"] == "formula, equal to the meta model"  # the language model's meta model
+    assert model["parameters"]["vision"] == 419_816_304  # tests/test_estimate.py counts it by hand
+    assert model["parameters"]["total"] == 3_880_263_168 + 419_816_304
