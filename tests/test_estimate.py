@@ -367,3 +367,21 @@ def test_lora_on_routed_experts_of_a_family_without_formulas_equals_peft() -> No
     peft_model = get_peft_model(build_meta_model(facts), LoraConfig(r=4, target_modules=["q_proj"],
                                                                      target_parameters=["gate_up_proj", "down_proj"]))
     assert lora_parameters(a, 4, ["q_proj"], ["gate_up_proj", "down_proj"]) == _trainable(peft_model)
+
+
+def test_full_fine_tuning_of_a_multimodal_gemma_3_leaves_the_tower_frozen_in_the_runtime() -> None:
+    from compiler.estimation.params import Architecture
+    from compiler.estimation.stages import trainable_parameters
+    from compiler.estimation.vision import VISION_MODULES
+    from compiler.loading.recipe import FullAdapter
+    from runtime.contract.config import AdapterSpec
+    from runtime.core.model import apply_adapter, count_parameters
+
+    facts = _tiny_gemma3_multimodal()
+    config = AutoConfig.for_model("gemma3", text_config=facts.config, vision_config=facts.vision,
+                                  mm_tokens_per_image=4)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    trained = apply_adapter(model, AdapterSpec(kind="full", params={"exclude_modules": VISION_MODULES}))
+    a: Architecture = architecture(facts)
+    assert count_parameters(trained)[1] == trainable_parameters(a, FullAdapter(kind="full")) == parameters(a).text

@@ -170,9 +170,10 @@ def _adapter_spec(adapter, arch: Architecture) -> AdapterSpec:
         params["targets"] = list(all_linear_names(arch))
     if adapter.kind == "lora" and not params["expert_targets"]:
         del params["expert_targets"]  # asked for only in a mixture of experts: other builds stay as they were
-    if adapter.kind == "lora" and arch.vision:
-        # peft matches target names anywhere: the vision tower's q/k/v_proj (and, for "all-linear",
-        # its fc1/fc2) would be adapted too. The plan counts the language model's layers only.
+    if adapter.kind in ("lora", "full") and arch.vision:
+        # The plan trains the language model only. peft matches target names anywhere, so the
+        # vision tower's q/k/v_proj (and, for "all-linear", its fc1/fc2) would be adapted too; a
+        # full fine-tune would count the tower as trainable though text gives it no gradient.
         params["exclude_modules"] = VISION_MODULES
     return AdapterSpec(kind=adapter.kind, params=params)
 

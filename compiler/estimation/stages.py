@@ -103,8 +103,8 @@ class StageEstimate:
 
 
 def trainable_parameters(arch: Architecture, adapter) -> int:
-    """Parameters the adapter trains (all of the language model's for a full fine-tune: a vision
-    tower gets no gradient from text, so it holds no gradient or optimizer state)."""
+    """Parameters the adapter trains (all of the language model's for a full fine-tune: the runtime
+    leaves a multimodal checkpoint's vision tower frozen, as text never reaches it)."""
     if isinstance(adapter, LoraAdapter):
         return lora_parameters(arch, adapter.rank, adapter.targets, adapter.expert_targets)
     if isinstance(adapter, PrefixAdapter):

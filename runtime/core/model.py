@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -148,6 +149,10 @@ def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec, *, scalar: bool 
     one-output `score` head), whose head is always trained, whatever the adapter."""
     p = adapter.params
     if adapter.kind == "full":
+        if p.get("exclude_modules"):  # a multimodal checkpoint's vision tower: loaded, not trained
+            for name, module in model.named_modules():
+                if re.fullmatch(p["exclude_modules"], name):
+                    module.requires_grad_(False)
         return model
     if adapter.kind == "freeze":
         model.requires_grad_(False)
