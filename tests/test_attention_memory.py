@@ -50,6 +50,28 @@ def test_sliding_window_layers_equal_transformers_layer_types(name: str) -> None
     assert attention_facts(facts.config, facts.family, facts.num_layers).local_layers == expected
 
 
+@pytest.mark.parametrize(("model_type", "extra"), [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 2}),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1, "head_dim": 8}),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3, "num_experts": 2}),
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 16, "num_experts": 2, "head_dim": 8}),
+    ("gemma3_text", {"sliding_window": 16, "sliding_window_pattern": 3}),
+    ("gemma2", {"sliding_window": 16}),
+    ("mixtral", {"sliding_window": 16}),
+    ("phi3", {"sliding_window": 16}),
+])
+def test_sliding_window_layers_of_other_configs_equal_transformers(model_type: str, extra: dict) -> None:
+    layers = 5
+    config = {"model_type": model_type, "hidden_size": 32, "num_hidden_layers": layers, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 48, "vocab_size": 64, **extra}
+    hf = AutoConfig.for_model(**config)
+    # transformers picks each layer's mask by config.layer_types; Mixtral and Phi-3 have none and
+    # build one sliding-window mask for every layer from config.sliding_window
+    types = getattr(hf, "layer_types", None)
+    expected = sum(1 for t in types if t == "sliding_attention") if types else (layers if hf.sliding_window else 0)
+    assert attention_facts(config, model_type, layers).local_layers == expected > 0
+
+
 def test_eager_scores_of_gemma_2_2b_by_hand() -> None:
     att = attention_facts(load_model_facts("gemma-2-2b").config, "gemma2", 26)
     # 8 heads x 4096 x 4096 scores per layer, local layers too (eager masks the window, it does not
