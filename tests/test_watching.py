@@ -27,10 +27,8 @@ def _compile(tmp_path: Path, name: str, **train) -> Path:
         name=name, model={"n_embd": 32, "n_layer": 2, "n_head": 2, "dropout": 0.1},  # dropout: RNG in play
         train={"epochs": None, "max_steps": STEPS, "micro_batch_size": 2, "learning_rate": 1e-3,
                "log_every_steps": LOG, **train},
-        eval=None,
     )
     del recipe["train"]["epochs"]
-    del recipe["eval"]
     path = write_json_recipe(tmp_path, recipe, name=f"{name}.json")
     compiled = run_cli("compile", str(path), "--out", str(tmp_path / name), cwd=tmp_path)
     assert compiled.returncode == 0, compiled.stderr
@@ -71,6 +69,27 @@ def _heldout_loss(build: Path) -> float:
         total += float(losses[len(row["prompt"]) - 1 :].sum())
         count += len(row["completion"])
     return total / count
+
+
+def _heldout_accuracy(build: Path) -> float:
+    """The saved model's accuracy on the held-out rows: greedy generation one row at a time with
+    transformers only, the first word of the text against the label."""
+    import re
+
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    model = AutoModelForCausalLM.from_pretrained(build / "model").eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(build / "model")
+    max_new_tokens = json.loads((build / "runtime.json").read_text())["eval"]["max_new_tokens"]
+    rows = [json.loads(line) for line in (build / "data" / "tweets" / "heldout.jsonl").read_text().splitlines()]
+    correct = 0
+    for row in rows:
+        ids = torch.tensor([row["prompt"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=50256, eos_token_id=50256)
+        words = re.findall(r"[\w'-]+", tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        correct += bool(words) and words[0].lower() == row["label"].lower()
+    return correct / len(rows)
 
 
 def _wandb_history(run_dir: Path) -> tuple[list, dict]:
@@ -120,6 +139,12 @@ def test_eval_and_trackers_log_what_metrics_jsonl_holds(tmp_path: Path) -> None:
     # The last evaluation is of the saved model: the same number computed without the runtime.
     assert evals[STEPS] == pytest.approx(_heldout_loss(build), abs=2e-5)
     assert evals[STEPS] < evals[5]
+    # The recipe's eval classifies: each evaluation also gives the accuracy by its rule, the last
+    # one that of the saved model on the held-out rows (fewer than the sample cap of 64).
+    accuracies = {row["step"]: row["eval_accuracy"] for row in rows if "eval_loss" in row}
+    assert sorted(accuracies) == [5, 10, 12]
+    assert accuracies[STEPS] == pytest.approx(_heldout_accuracy(build), abs=1e-4)
+    assert f"step 5/{STEPS} held-out loss {evals[5]:.4f}, accuracy {accuracies[5]:.4f}" in ran.stderr
 
     # Evaluating disturbs nothing: the same weights and training losses as a run without it.
     from safetensors.torch import load_file

@@ -154,6 +154,7 @@ class MetricsRecord(_Written):
     # row of the held-out evaluation during training, which carries `eval_loss` instead.
     loss: float | None = None
     eval_loss: float | None = None  # held-out loss at this step (`eval_every_steps`)
+    eval_accuracy: float | None = None  # and a classification eval's accuracy on a sample of it
     epoch: float | None = None
     lr: float | None = None
     grad_norm: float | None = None

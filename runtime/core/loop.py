@@ -217,10 +217,11 @@ class StageLog:
         for tracker in self.trackers:
             tracker.log(record.step, scalars_of(record))
 
-    def record_eval(self, step: int, eval_loss: float) -> None:
-        """A held-out evaluation's row: the stage, the step and `eval_loss`."""
-        self.write(MetricsRecord(stage=self.stage.name, step=step, eval_loss=eval_loss))
-        self.progress.note(f"[{self.stage.name}] step {step}/{self.steps} held-out loss {eval_loss:.4f}")
+    def record_eval(self, step: int, eval_loss: float, eval_accuracy: float | None) -> None:
+        """A held-out evaluation's row: the stage, the step, `eval_loss` and `eval_accuracy`."""
+        self.write(MetricsRecord(stage=self.stage.name, step=step, eval_loss=eval_loss, eval_accuracy=eval_accuracy))
+        accuracy = f", accuracy {eval_accuracy:.4f}" if eval_accuracy is not None else ""
+        self.progress.note(f"[{self.stage.name}] step {step}/{self.steps} held-out loss {eval_loss:.4f}{accuracy}")
 
     def tick(self, step: int) -> None:
         """A step that is not logged: the progress bar moves on."""
@@ -331,7 +332,9 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
         else:
             log.tick(step)
         if evaluation.due(step, steps):
-            log.record_eval(step, evaluation.measure(step, backend.forward, model, run))
+            eval_loss = evaluation.measure(step, backend.forward, model, run)
+            accuracy = objective.accuracy.measure(model, run) if objective.accuracy else None
+            log.record_eval(step, eval_loss, accuracy)
         next_epoch, next_group = divmod(step, per_epoch)
         checkpoint_if_due(run, index, stage, log, backend, step, epoch=next_epoch, batch=next_group * stage.grad_accum)
     wall_s = log.close()
