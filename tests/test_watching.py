@@ -201,3 +201,57 @@ def test_a_missing_tracker_and_eval_during_ppo_are_refused_by_name(monkeypatch) 
     ppo = {**golden["stages"][0], "kind": "ppo", "eval_every_steps": 10}
     config = contract.RuntimeConfig.model_validate({**golden, "stages": [ppo]})
     assert any("eval_every_steps is for stages with a held-out loss" in line for line in contract.unsupported(config))
+
+
+@pytest.mark.slow
+def test_save_best_and_early_stopping_keep_the_best_weights_and_stop_for_good(tmp_path: Path) -> None:
+    # A high constant learning rate on six rows: the held-out loss falls, then rises as it overfits.
+    every, patience, steps = 2, 3, 40
+    build = _compile(tmp_path, "stopped", max_steps=steps, learning_rate=3e-2, lr_schedule="constant",
+                     eval_every_steps=every, save_best=True, early_stopping_patience=patience,
+                     save_every_steps=every, keep_checkpoints=steps)
+    ran = _train(build)
+    assert ran.returncode == 0, ran.stderr
+    rows = _rows(build)
+    evals = {row["step"]: row["eval_loss"] for row in rows if "eval_loss" in row}
+    best = min(evals, key=lambda step: (evals[step], step))
+    stop = best + patience * every  # the patience-th evaluation in a row without a lower loss
+    assert sorted(evals) == list(range(every, stop + 1, every)) and stop < steps
+    assert max(row["step"] for row in rows) == stop  # nothing trained after the stop
+
+    report = json.loads((build / "run_report.json").read_text())["stages"][0]
+    assert (report["kept_step"], report["stopped_at_step"], report["steps"]["actual"]) == (best, stop, stop)
+    assert f"for {patience} evaluations" in report["stop_reason"] and f"(step {best})" in report["stop_reason"]
+    md = (build / "run_report.md").read_text()
+    assert f"Stopped early at step {stop}" in md and f"weights of step {best}" in md
+    assert "an upper bound" in (build / "plan.md").read_text()
+
+    # The output is the best step's weights: those of the checkpoint written at that step.
+    from safetensors.torch import load_file
+
+    (folder,) = (build / "checkpoints").glob(f"*-step{best:07d}")
+    kept = torch.load(folder / "trainable.pt", weights_only=True)
+    saved = load_file(build / "model" / "model.safetensors")
+    assert kept.keys() >= saved.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+    (last,) = (build / "checkpoints").glob(f"*-step{stop - every:07d}")
+    assert not all(torch.equal(saved[k], torch.load(last / "trainable.pt", weights_only=True)[k]) for k in saved)
+
+    # Running again trains nothing more: the stage is finished, early stop and all.
+    metrics, weights = (build / "metrics.jsonl").read_bytes(), (build / "model" / "model.safetensors").read_bytes()
+    again = _train(build)
+    assert again.returncode == 0, again.stderr
+    assert "already finished" in again.stderr
+    assert (build / "metrics.jsonl").read_bytes() == metrics
+    assert (build / "model" / "model.safetensors").read_bytes() == weights
+
+
+def test_save_best_and_early_stopping_need_eval_every_steps(tmp_path: Path) -> None:
+    for key, value in (("save_best", True), ("early_stopping_patience", 2)):
+        recipe = base_recipe(train={key: value})
+        checked = run_cli("validate", str(write_json_recipe(tmp_path, recipe)), cwd=tmp_path)
+        assert checked.returncode == 1
+        assert f'stage "sft": {key} needs eval_every_steps' in checked.stderr
+        assert f"set train.eval_every_steps = N (or remove {key})" in checked.stderr
+        assert "Traceback" not in checked.stderr
+        recipe["train"]["eval_every_steps"] = 5
+        assert run_cli("validate", str(write_json_recipe(tmp_path, recipe)), cwd=tmp_path).returncode == 0

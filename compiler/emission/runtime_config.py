@@ -200,6 +200,8 @@ def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int, arch: Architec
         momentum=t.momentum,
         log_every_steps=t.log_every_steps,
         eval_every_steps=t.eval_every_steps,
+        save_best=t.save_best,
+        early_stopping_patience=t.early_stopping_patience,
         save_every_steps=t.save_every_steps,
         keep_checkpoints=t.keep_checkpoints,
         length_grouping=t.length_grouping,

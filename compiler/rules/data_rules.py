@@ -201,6 +201,7 @@ def _check_stages(ctx: Context) -> list[Diagnostic]:
                                      at + ("ptx_data",), suggest(stage.ptx_data, r.data, "data sets")))
         out += _check_stage_data(ctx, i)
         train = training(r, stage)
+        out += _check_acts_on_evaluations(ctx, stage, train, at)
         batch_keys = ("micro_batch_size", "grad_accum", "global_batch_size")
         if any(getattr(stage, k) is not None for k in batch_keys):
             out += _check_batch(ctx, train, world, at, f"stage {q(stage.name)}", stage.global_batch_size is not None)
@@ -216,6 +217,18 @@ def _check_stages(ctx: Context) -> list[Diagnostic]:
                 out.append(ctx.warning(
                     f"stage {q(stage.name)}: learning_rate = {train.learning_rate:g} is high for full fine-tuning of "
                     "a pretrained model and may erase what it knows", key, "typical values are 1e-5 to 1e-4"))
+    return out
+
+
+def _check_acts_on_evaluations(ctx: Context, stage, train, at: Key) -> list[Diagnostic]:
+    """save_best and early_stopping_patience act on the held-out evaluations during training, which
+    only eval_every_steps schedules: without it they would silently do nothing."""
+    out = []
+    for key in ("save_best", "early_stopping_patience"):
+        if getattr(train, key) and train.eval_every_steps is None:
+            where = at + (key,) if getattr(stage, key) is not None else ("train", key)
+            out.append(ctx.error(f"stage {q(stage.name)}: {key} needs eval_every_steps, the held-out evaluations "
+                                 "it acts on", where, f"set train.eval_every_steps = N (or remove {key})"))
     return out
 
 

@@ -113,6 +113,8 @@ class StageSpec(_Frozen):
     momentum: float  # sgd
     log_every_steps: int
     eval_every_steps: int | None
+    save_best: bool = False  # the stage's output is its best evaluation's weights
+    early_stopping_patience: int | None = None  # evaluations without improvement before the stage stops
     save_every_steps: int | None
     keep_checkpoints: int
     length_grouping: bool
@@ -192,9 +194,13 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         elif stage.packing and stage.adapter.kind == "prefix":
             out.append(f"{where} asks for packing with a prefix adapter, whose virtual tokens would be shared by "
                        'every sequence of a row (set packing = false, or adapter kind = "lora")')
-        if stage.kind == "ppo" and stage.eval_every_steps:
-            out.append(f"{where} is ppo, whose held-out measure is the reward of sampled completions, reported "
-                       "before and after the stage; eval_every_steps is for stages with a held-out loss (remove it)")
+        if stage.kind in ("ppo", "grpo") and stage.eval_every_steps:
+            out.append(f"{where} is {stage.kind}, whose held-out measure is the reward of sampled completions, "
+                       "reported before and after the stage; eval_every_steps is for stages with a held-out loss "
+                       "(remove it)")
+        if stage.save_best and hw.zero_stage == 3:
+            out.append(f"{where} asks for save_best, which copies the best evaluation's weights from rank 0, but "
+                       "ZeRO stage 3 shards them over the ranks; use hardware.zero_stage = 2 (or remove save_best)")
         for tracker in stage.report_to:
             if importlib.util.find_spec(TRACKER_MODULES[tracker]) is None:
                 out.append(f'{where} reports to {tracker}, which is not installed: pip install "recipe[{tracker}]" '

@@ -52,6 +52,8 @@ class TrainState:
     tokens: int  # non-pad tokens processed so far in this stage, all ranks
     elapsed_s: float  # training time so far in this stage, over all attempts
     world_size: int
+    # the held-out losses so far in this stage, (step, loss): save_best and early stopping go on from them
+    evaluations: tuple[tuple[int, float], ...] = ()
 
 
 def checkpoint_name(state: TrainState) -> str:

@@ -64,8 +64,21 @@ class HeldoutLoss:
         return bool(every and self.rows) and (step % every == 0 or step == steps)
 
     def best(self) -> tuple[int, float] | None:
+        """The evaluation with the lowest held-out loss (the earliest of equal ones)."""
         finite = [point for point in self.history if math.isfinite(point[1])]
         return min(finite, key=lambda point: (point[1], point[0])) if finite else None
+
+    def improved(self) -> bool:
+        """Whether the latest evaluation is the best so far: lower than every earlier one."""
+        return bool(self.history) and self.best() == self.history[-1]
+
+    def patience_spent(self) -> bool:
+        """`early_stopping_patience` evaluations in a row since the best one, none of them lower."""
+        patience, best = self.stage.early_stopping_patience, self.best()
+        if not patience or not self.history:
+            return False
+        since = len(self.history) - 1 - self.history.index(best) if best else len(self.history)
+        return since >= patience
 
     def measure(self, step: int, forward: Callable, model: torch.nn.Module, run) -> float:
         """The mean held-out loss now (collective: every rank calls it at the same step)."""

@@ -58,6 +58,12 @@ class TrainSection(Section):
     eval_every_steps: PositiveInt | None = None
     """Compute the held-out loss every this many steps and after the last, into metrics.jsonl and
     the trackers (default: not during training). Not for ppo stages."""
+    save_best: bool = False
+    """Keep the weights of the evaluation with the lowest held-out loss as the stage's output (and
+    model/), not the last step's; needs eval_every_steps."""
+    early_stopping_patience: PositiveInt | None = None
+    """Stop the stage after this many evaluations in a row without a lower held-out loss; epochs or
+    max_steps become an upper bound. Needs eval_every_steps."""
     save_every_steps: PositiveInt | None = None
     """Write a resumable checkpoint every this many steps (default: at the end of the stage)."""
     keep_checkpoints: PositiveInt = 2
