@@ -29,7 +29,8 @@ from runtime.core.classify import completion_losses, predict_labels
 from runtime.core.data import IGNORE_INDEX, collate_rows, read_examples, read_training_rows
 from runtime.core.losses import TokenLoss
 from runtime.core.model import ModelLoadError, apply_adapter
-from runtime.core.outputs import load_trainable, starting_model
+from runtime.core.outputs import load_trainable, merged, starting_model
+from runtime.harness import harness_md, run_harness
 
 SAMPLE_TOKENS = 128  # at most this many new tokens per sample generation of a language-model eval
 
@@ -137,10 +138,14 @@ def evaluate(build_dir: Path, checkpoint: Path | None = None) -> EvalReport:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     else:
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(build_dir / config.tokenizer.file))
-    if spec.kind == "language_model":
+    if spec.kind in ("language_model", "harness"):
         report = language_model_eval(model, tokenizer, config, build_dir)
-        publish(build_dir, {EVAL_JSON: dumps(report).encode(),
-                            EVAL_MD: render_language_model_md(config, report).encode()})
+        md = render_language_model_md(config, report)
+        if spec.kind == "harness":  # the harness's tasks beside the held-out loss
+            harness = run_harness(merged(model), tokenizer, config)
+            report = EvalReport(**report.model_dump(exclude_unset=True), harness=harness)
+            md += "\n".join(harness_md(harness))
+        publish(build_dir, {EVAL_JSON: dumps(report).encode(), EVAL_MD: md.encode()})
         return report
     data = config.data[spec.data]
     heldout = read_examples(build_dir / data.heldout)

@@ -235,7 +235,9 @@ def _eval_spec(loaded: LoadedRecipe, prepared: dict[str, PreparedData], eval_dat
         max_new = min(DEFAULT_UNMEASURED_NEW_TOKENS, p.max_total_tokens)
     return EvalSpec(kind=ev.kind, data=eval_data, stage=eval_stage(loaded.recipe).name, label_field=ev.label_field,
                     labels=_eval_labels(loaded, eval_data, p), extract=ev.extract, max_new_tokens=max_new,
-                    batch_size=ev.batch_size, samples=ev.samples)
+                    batch_size=ev.batch_size, samples=ev.samples, tasks=ev.tasks, num_fewshot=ev.num_fewshot,
+                    limit=ev.limit, task_dirs=tuple(Path(display_path(resolve_data_path(loaded.path, folder))).as_posix()
+                                                    for folder in ev.task_dirs))
 
 
 def _eval_labels(loaded: LoadedRecipe, name: str, p: PreparedData) -> tuple[str, ...]:

@@ -333,6 +333,10 @@ def _check_eval(ctx: Context) -> list[Diagnostic]:
         out.append(ctx.error(f"eval reads data set {q(name)}, whose rows are prompts only: there is no completion "
                              "to score", ("eval", "data") if ev.data else ("eval",),
                              "set eval.data to a data set with completions"))
+    for i, folder in enumerate(ev.task_dirs):
+        if not ctx.path(folder).is_dir():
+            out.append(ctx.error(f"eval.task_dirs[{i}] = {q(folder)} is not a folder (paths are relative to the recipe)",
+                                 ("eval", "task_dirs"), "give a folder of lm-evaluation-harness task YAML files"))
     if ev.kind == "classification":
         if ds.format in CHAT_FORMATS or ds.format == "preference":
             out.append(ctx.error(f'eval.kind = "classification" needs labelled rows, but data set {q(name)} is {ds.format}',

@@ -295,6 +295,8 @@ class EvalReport(_Written):
     generated_tokens_per_s: float | None = None
     # language model
     supervised_tokens: int | None = None
+    # kind = "harness": lm-evaluation-harness's figures (runtime/harness.py: version, settings, per task)
+    harness: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ class StageSpec(_Frozen):
 
 
 class EvalSpec(_Frozen):
-    kind: Literal["classification", "language_model"]
+    kind: Literal["classification", "language_model", "harness"]
     data: str
     stage: str
     label_field: str | None
@@ -133,6 +133,12 @@ class EvalSpec(_Frozen):
     max_new_tokens: int
     batch_size: int
     samples: int
+    # kind = "harness": lm-evaluation-harness tasks, and folders of task YAML files (absolute, or
+    # relative to the directory `recipe run` and `recipe eval` start from, as the recipe's were)
+    tasks: tuple[str, ...] = ()
+    task_dirs: tuple[str, ...] = ()
+    num_fewshot: int | None = None
+    limit: int | None = None
 
 
 class HardwareSpec(_Frozen):
@@ -177,6 +183,8 @@ def unsupported(config: RuntimeConfig) -> list[str]:
                    'use quantization = "none"')
     if hw.attention == "flash_attention_2" and hw.device != "cuda":
         out.append('attention = "flash_attention_2" needs hardware.device = "cuda"')
+    if config.eval is not None and config.eval.kind == "harness" and importlib.util.find_spec("lm_eval") is None:
+        out.append(HARNESS_MISSING)
     for stage in config.stages:
         where = f'stage "{stage.name}"'
         if stage.kind in ("ppo", "grpo") and uses_deepspeed(hw):
@@ -211,6 +219,8 @@ def unsupported(config: RuntimeConfig) -> list[str]:
     return out
 
 
+HARNESS_MISSING = ('eval.kind = "harness" runs lm-evaluation-harness, which is not installed: '
+                   'pip install "recipe[harness]" (or use kind = "language_model")')
 # The module each experiment tracker (`report_to`) needs; installed by the extra of the same name.
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
