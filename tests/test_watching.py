@@ -244,6 +244,23 @@ def test_save_best_and_early_stopping_keep_the_best_weights_and_stop_for_good(tm
     assert (build / "metrics.jsonl").read_bytes() == metrics
     assert (build / "model" / "model.safetensors").read_bytes() == weights
 
+    # Resumed from the checkpoint one evaluation after the best, the run goes on with the
+    # evaluations that checkpoint carries: the same stop, and the weights kept at the best step.
+    import shutil
+
+    resume_from = best + every
+    for folder in (build / "checkpoints").glob("*-step*"):
+        if int(folder.name.rsplit("step", 1)[1]) > resume_from:
+            shutil.rmtree(folder)
+    (build / "stages" / "sft" / "done.json").unlink()
+    shutil.rmtree(build / "model")
+    resumed = _train(build)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'resuming stage "sft" at step {resume_from}' in resumed.stderr
+    assert f"stopping early at step {stop}" in resumed.stderr
+    again_saved = load_file(build / "model" / "model.safetensors")
+    assert all(torch.equal(again_saved[k], saved[k]) for k in saved)
+
 
 def test_save_best_and_early_stopping_need_eval_every_steps(tmp_path: Path) -> None:
     for key, value in (("save_best", True), ("early_stopping_patience", 2)):
