@@ -198,9 +198,17 @@ def test_a_missing_tracker_and_eval_during_ppo_are_refused_by_name(monkeypatch) 
     refused = contract.unsupported(config)
     assert refused == ['stage "sft" reports to wandb, which is not installed: pip install "recipe[wandb]" '
                        "(or remove it from train.report_to)"]
-    ppo = {**golden["stages"][0], "kind": "ppo", "eval_every_steps": 10}
-    config = contract.RuntimeConfig.model_validate({**golden, "stages": [ppo]})
-    assert any("eval_every_steps is for stages with a held-out loss" in line for line in contract.unsupported(config))
+    for kind in ("ppo", "grpo"):
+        online = {**golden["stages"][0], "kind": kind, "eval_every_steps": 10}
+        config = contract.RuntimeConfig.model_validate({**golden, "stages": [online]})
+        assert any(f'"sft" is {kind}, whose held-out measure is the reward of sampled completions' in line
+                   and "eval_every_steps is for stages with a held-out loss" in line
+                   for line in contract.unsupported(config))
+    best = {**golden["stages"][0], "eval_every_steps": 10, "save_best": True}
+    zero3 = {**golden["hardware"], "zero_stage": 3}
+    config = contract.RuntimeConfig.model_validate({**golden, "stages": [best], "hardware": zero3})
+    assert any("asks for save_best" in line and "ZeRO stage 3 shards them" in line
+               for line in contract.unsupported(config))
 
 
 @pytest.mark.slow
