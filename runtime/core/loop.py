@@ -111,7 +111,7 @@ def resume(run: Run, index: int, stage: StageSpec, steps: int, saved: Checkpoint
     load_rng_state(folder, run.d.rank)
     run.log(f'resuming stage "{stage.name}" at step {state.step}/{steps} from {folder}')
     return Start(step=state.step, tokens=state.tokens, elapsed_s=state.elapsed_s, resumed=True,
-                 evaluations=tuple((int(s), float(loss)) for s, loss in state.evaluations))
+                 evaluations=state.evaluations)
 
 
 class Progress:
