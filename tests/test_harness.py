@@ -110,6 +110,7 @@ def test_harness_eval_runs_a_local_task_on_the_trained_adapter(tmp_path: Path, m
     accuracy = harness["tasks"]["tweet_sentiment_mc"]["acc,none"]
     assert accuracy == pytest.approx(_accuracy_by_hand(build / "model-merged", _tweets()[:LIMIT]), abs=1e-9)
     assert report["loss"] > 0 and report["perplexity"] > 1  # our held-out loss beside the harness's figures
+    assert f"harness: tweet_sentiment_mc acc {accuracy:.4f}; report:" in evaluated.stdout + evaluated.stderr
     md = (build / "eval.md").read_text()
     assert "## lm-evaluation-harness" in md and f"| tweet_sentiment_mc | {LIMIT} | acc | {accuracy:.4f} |" in md
 
