@@ -151,7 +151,8 @@ def run_baseline(build: Path, config: RuntimeConfig, examples: list[Encoded], th
     from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from runtime.evaluate import classification_report, extract_label, generate_greedy
+    from runtime.core.classify import extract_label, generate_greedy
+    from runtime.evaluate import classification_report
 
     torch.set_num_threads(threads)
     stage, data = config.stages[0], config.data[config.stages[0].data]

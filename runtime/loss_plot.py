@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from runtime.contract.artifacts import read_eval_losses, read_metrics
+from runtime.contract.metrics import read_eval_losses, read_metrics
 from runtime.contract.files import write_atomic
 
 _MIN_POINTS_TO_SMOOTH = 8

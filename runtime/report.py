@@ -33,10 +33,11 @@ from typing import Any, Iterable, Mapping
 from runtime.contract.artifacts import (
     PLAN_FORMAT_VERSION, RUN_REPORT_FORMAT_VERSION, Comparison, EvalReport, HeldoutBeforeAfter, HeldoutMetrics,
     IncompatibleArtifactError, LossSummary, MemoryComparison, MetricsRecord, Plan, PlanStage, RunEval, RunReport,
-    RunStage, RunTotals, StageReport, TrainReport, Truncation, check_version, dumps, read_eval_losses,
-    read_eval_report, read_metrics, read_plan, read_run_report, read_train_report, to_data,
+    RunStage, RunTotals, StageReport, TrainReport, Truncation, check_version, dumps, read_eval_report, read_plan,
+    read_run_report, read_train_report, to_data,
 )
 from runtime.contract.files import write_atomic
+from runtime.contract.metrics import read_eval_losses, read_metrics
 from runtime.loss_plot import plot_loss
 from runtime.contract.layout import (
     EVAL_JSON, LOSS_PNG, METRICS_FILE, PLAN_JSON, RUN_REPORT_JSON, RUN_REPORT_MD, RUNTIME_CONFIG_FILE,
@@ -177,6 +178,8 @@ def _stage_entry(name: str, plan_stage: PlanStage | None, report: StageReport | 
         truncation=_truncation(plan_stage, plan),
         heldout=report.heldout if report is not None else None,
         **_evaluations(evals),
+        **({key: getattr(report, key) for key in ("kept_step", "stopped_at_step", "stop_reason")
+            if report is not None and getattr(report, key) is not None}),
         **({"reward_steps": tuple(records)} if any(r.rewards is not None for r in records) else {}),
     )
 
@@ -312,6 +315,10 @@ def _stage_markdown(stage: RunStage) -> Iterable[str]:
     if stage.evaluations:
         notes.append(f"Held-out loss during training ({stage.evaluations} evaluations): best "
                      f"{stage.best_eval_loss:.4f} at step {stage.best_eval_step}, last {stage.last_eval_loss:.4f}.")
+    if stage.stopped_at_step is not None:
+        notes.append(f"Stopped early at step {stage.stopped_at_step}: {stage.stop_reason}.")
+    if stage.kept_step is not None:
+        notes.append(f"save_best: the output holds the weights of step {stage.kept_step}, the best evaluation.")
     t = stage.truncation
     if t is not None:
         of = f" of {t.examples:,}" if t.examples is not None else ""

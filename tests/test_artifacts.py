@@ -10,10 +10,10 @@ import pytest
 
 from runtime.contract.artifacts import (
     EvalReport, HeldoutBeforeAfter, HeldoutMetrics, IncompatibleArtifactError, MetricsRecord,
-    StageReport, TrainReport, dumps, read_eval_report, read_metrics, read_plan, read_run_report, read_stage_done,
-    read_train_report,
+    StageReport, TrainReport, dumps, read_eval_report, read_plan, read_run_report, read_stage_done, read_train_report,
 )
 from runtime.contract.config import IncompatibleBuildError
+from runtime.contract.metrics import read_metrics
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 RUN_REPORT_PLAN = Path(__file__).resolve().parent / "data" / "run_report" / "plan.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.contract.artifacts import read_metrics
+from runtime.contract.metrics import read_metrics
 from runtime.loss_plot import plot_loss
 from runtime.report import RunReportError, build_run_report, main, write_run_report
 

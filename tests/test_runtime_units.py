@@ -12,7 +12,8 @@ from runtime.contract.config import IncompatibleBuildError, ModelSpec, load_runt
 from runtime.core.data import (
     IGNORE_INDEX, Encoded, collate_for_training, collate_prompts_left_padded, length_grouped_batches,
 )
-from runtime.evaluate import classification_report, extract_label
+from runtime.core.classify import extract_label
+from runtime.evaluate import classification_report
 from runtime.core.losses import TokenLoss
 from runtime.core.model import build_model
 
@@ -103,7 +104,7 @@ def test_runtime_refuses_other_schema_versions(tmp_path: Path) -> None:
 def test_label_set_prediction_is_the_most_likely_label_sequence() -> None:
     """Checked against a direct computation: log-softmax of the full model output, summed over each
     label's tokens after the prompt, one example at a time."""
-    from runtime.evaluate import predict_from_label_set
+    from runtime.core.classify import predict_from_label_set
 
     torch.manual_seed(3)
     config = {"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 16, "vocab_size": 50,

@@ -27,10 +27,8 @@ def _compile(tmp_path: Path, name: str, **train) -> Path:
         name=name, model={"n_embd": 32, "n_layer": 2, "n_head": 2, "dropout": 0.1},  # dropout: RNG in play
         train={"epochs": None, "max_steps": STEPS, "micro_batch_size": 2, "learning_rate": 1e-3,
                "log_every_steps": LOG, **train},
-        eval=None,
     )
     del recipe["train"]["epochs"]
-    del recipe["eval"]
     path = write_json_recipe(tmp_path, recipe, name=f"{name}.json")
     compiled = run_cli("compile", str(path), "--out", str(tmp_path / name), cwd=tmp_path)
     assert compiled.returncode == 0, compiled.stderr
@@ -71,6 +69,27 @@ def _heldout_loss(build: Path) -> float:
         total += float(losses[len(row["prompt"]) - 1 :].sum())
         count += len(row["completion"])
     return total / count
+
+
+def _heldout_accuracy(build: Path) -> float:
+    """The saved model's accuracy on the held-out rows: greedy generation one row at a time with
+    transformers only, the first word of the text against the label."""
+    import re
+
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    model = AutoModelForCausalLM.from_pretrained(build / "model").eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(build / "model")
+    max_new_tokens = json.loads((build / "runtime.json").read_text())["eval"]["max_new_tokens"]
+    rows = [json.loads(line) for line in (build / "data" / "tweets" / "heldout.jsonl").read_text().splitlines()]
+    correct = 0
+    for row in rows:
+        ids = torch.tensor([row["prompt"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=50256, eos_token_id=50256)
+        words = re.findall(r"[\w'-]+", tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        correct += bool(words) and words[0].lower() == row["label"].lower()
+    return correct / len(rows)
 
 
 def _wandb_history(run_dir: Path) -> tuple[list, dict]:
@@ -120,6 +139,12 @@ def test_eval_and_trackers_log_what_metrics_jsonl_holds(tmp_path: Path) -> None:
     # The last evaluation is of the saved model: the same number computed without the runtime.
     assert evals[STEPS] == pytest.approx(_heldout_loss(build), abs=2e-5)
     assert evals[STEPS] < evals[5]
+    # The recipe's eval classifies: each evaluation also gives the accuracy by its rule, the last
+    # one that of the saved model on the held-out rows (fewer than the sample cap of 64).
+    accuracies = {row["step"]: row["eval_accuracy"] for row in rows if "eval_loss" in row}
+    assert sorted(accuracies) == [5, 10, 12]
+    assert accuracies[STEPS] == pytest.approx(_heldout_accuracy(build), abs=1e-4)
+    assert f"step 5/{STEPS} held-out loss {evals[5]:.4f}, accuracy {accuracies[5]:.4f}" in ran.stderr
 
     # Evaluating disturbs nothing: the same weights and training losses as a run without it.
     from safetensors.torch import load_file
@@ -173,6 +198,85 @@ def test_a_missing_tracker_and_eval_during_ppo_are_refused_by_name(monkeypatch) 
     refused = contract.unsupported(config)
     assert refused == ['stage "sft" reports to wandb, which is not installed: pip install "recipe[wandb]" '
                        "(or remove it from train.report_to)"]
-    ppo = {**golden["stages"][0], "kind": "ppo", "eval_every_steps": 10}
-    config = contract.RuntimeConfig.model_validate({**golden, "stages": [ppo]})
-    assert any("eval_every_steps is for stages with a held-out loss" in line for line in contract.unsupported(config))
+    for kind in ("ppo", "grpo"):
+        online = {**golden["stages"][0], "kind": kind, "eval_every_steps": 10}
+        config = contract.RuntimeConfig.model_validate({**golden, "stages": [online]})
+        assert any(f'"sft" is {kind}, whose held-out measure is the reward of sampled completions' in line
+                   and "eval_every_steps is for stages with a held-out loss" in line
+                   for line in contract.unsupported(config))
+    best = {**golden["stages"][0], "eval_every_steps": 10, "save_best": True}
+    zero3 = {**golden["hardware"], "zero_stage": 3}
+    config = contract.RuntimeConfig.model_validate({**golden, "stages": [best], "hardware": zero3})
+    assert any("asks for save_best" in line and "ZeRO stage 3 shards them" in line
+               for line in contract.unsupported(config))
+
+
+@pytest.mark.slow
+def test_save_best_and_early_stopping_keep_the_best_weights_and_stop_for_good(tmp_path: Path) -> None:
+    # A high constant learning rate on six rows: the held-out loss falls, then rises as it overfits.
+    every, patience, steps = 2, 3, 40
+    build = _compile(tmp_path, "stopped", max_steps=steps, learning_rate=3e-2, lr_schedule="constant",
+                     eval_every_steps=every, save_best=True, early_stopping_patience=patience,
+                     save_every_steps=every, keep_checkpoints=steps)
+    ran = _train(build)
+    assert ran.returncode == 0, ran.stderr
+    rows = _rows(build)
+    evals = {row["step"]: row["eval_loss"] for row in rows if "eval_loss" in row}
+    best = min(evals, key=lambda step: (evals[step], step))
+    stop = best + patience * every  # the patience-th evaluation in a row without a lower loss
+    assert sorted(evals) == list(range(every, stop + 1, every)) and stop < steps
+    assert max(row["step"] for row in rows) == stop  # nothing trained after the stop
+
+    report = json.loads((build / "run_report.json").read_text())["stages"][0]
+    assert (report["kept_step"], report["stopped_at_step"], report["steps"]["actual"]) == (best, stop, stop)
+    assert f"for {patience} evaluations" in report["stop_reason"] and f"(step {best})" in report["stop_reason"]
+    md = (build / "run_report.md").read_text()
+    assert f"Stopped early at step {stop}" in md and f"weights of step {best}" in md
+    assert "an upper bound" in (build / "plan.md").read_text()
+
+    # The output is the best step's weights: those of the checkpoint written at that step.
+    from safetensors.torch import load_file
+
+    (folder,) = (build / "checkpoints").glob(f"*-step{best:07d}")
+    kept = torch.load(folder / "trainable.pt", weights_only=True)
+    saved = load_file(build / "model" / "model.safetensors")
+    assert kept.keys() >= saved.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+    (last,) = (build / "checkpoints").glob(f"*-step{stop - every:07d}")
+    assert not all(torch.equal(saved[k], torch.load(last / "trainable.pt", weights_only=True)[k]) for k in saved)
+
+    # Running again trains nothing more: the stage is finished, early stop and all.
+    metrics, weights = (build / "metrics.jsonl").read_bytes(), (build / "model" / "model.safetensors").read_bytes()
+    again = _train(build)
+    assert again.returncode == 0, again.stderr
+    assert "already finished" in again.stderr
+    assert (build / "metrics.jsonl").read_bytes() == metrics
+    assert (build / "model" / "model.safetensors").read_bytes() == weights
+
+    # Resumed from the checkpoint one evaluation after the best, the run goes on with the
+    # evaluations that checkpoint carries: the same stop, and the weights kept at the best step.
+    import shutil
+
+    resume_from = best + every
+    for folder in (build / "checkpoints").glob("*-step*"):
+        if int(folder.name.rsplit("step", 1)[1]) > resume_from:
+            shutil.rmtree(folder)
+    (build / "stages" / "sft" / "done.json").unlink()
+    shutil.rmtree(build / "model")
+    resumed = _train(build)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'resuming stage "sft" at step {resume_from}' in resumed.stderr
+    assert f"stopping early at step {stop}" in resumed.stderr
+    again_saved = load_file(build / "model" / "model.safetensors")
+    assert all(torch.equal(again_saved[k], saved[k]) for k in saved)
+
+
+def test_save_best_and_early_stopping_need_eval_every_steps(tmp_path: Path) -> None:
+    for key, value in (("save_best", True), ("early_stopping_patience", 2)):
+        recipe = base_recipe(train={key: value})
+        checked = run_cli("validate", str(write_json_recipe(tmp_path, recipe)), cwd=tmp_path)
+        assert checked.returncode == 1
+        assert f'stage "sft": {key} needs eval_every_steps' in checked.stderr
+        assert f"set train.eval_every_steps = N (or remove {key})" in checked.stderr
+        assert "Traceback" not in checked.stderr
+        recipe["train"]["eval_every_steps"] = 5
+        assert run_cli("validate", str(write_json_recipe(tmp_path, recipe)), cwd=tmp_path).returncode == 0

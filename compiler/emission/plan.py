@@ -237,6 +237,11 @@ def _derived(loaded: LoadedRecipe, config: RuntimeConfig, prepared: dict[str, Pr
         if ratio is not None:
             out.append({"key": f"stages.{stage.name}.warmup_steps", "value": spec.warmup_steps,
                         "reason": f"warmup_ratio = {ratio} of the stage's planned steps, rounded up"})
+    for spec in config.stages:
+        if spec.early_stopping_patience:
+            out.append({"key": f"stages.{spec.name}.steps", "value": "an upper bound",
+                        "reason": f"early_stopping_patience = {spec.early_stopping_patience}: the stage stops after "
+                        f"that many evaluations (every {spec.eval_every_steps} steps) without a lower held-out loss"})
     if config.eval is not None:
         out.append({
             "key": "eval.max_new_tokens",

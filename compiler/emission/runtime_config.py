@@ -208,6 +208,8 @@ def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int, arch: Architec
         momentum=t.momentum,
         log_every_steps=t.log_every_steps,
         eval_every_steps=t.eval_every_steps,
+        save_best=t.save_best,
+        early_stopping_patience=t.early_stopping_patience,
         save_every_steps=t.save_every_steps,
         keep_checkpoints=t.keep_checkpoints,
         length_grouping=t.length_grouping,
@@ -241,7 +243,9 @@ def _eval_spec(loaded: LoadedRecipe, prepared: dict[str, PreparedData], eval_dat
         max_new = min(DEFAULT_UNMEASURED_NEW_TOKENS, p.max_total_tokens)
     return EvalSpec(kind=ev.kind, data=eval_data, stage=eval_stage(loaded.recipe).name, label_field=ev.label_field,
                     labels=_eval_labels(loaded, eval_data, p), extract=ev.extract, max_new_tokens=max_new,
-                    batch_size=ev.batch_size, samples=ev.samples)
+                    batch_size=ev.batch_size, samples=ev.samples, tasks=ev.tasks, num_fewshot=ev.num_fewshot,
+                    limit=ev.limit, task_dirs=tuple(Path(display_path(resolve_data_path(loaded.path, folder))).as_posix()
+                                                    for folder in ev.task_dirs))
 
 
 def _eval_labels(loaded: LoadedRecipe, name: str, p: PreparedData) -> tuple[str, ...]:

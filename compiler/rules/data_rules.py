@@ -201,6 +201,7 @@ def _check_stages(ctx: Context) -> list[Diagnostic]:
                                      at + ("ptx_data",), suggest(stage.ptx_data, r.data, "data sets")))
         out += _check_stage_data(ctx, i)
         train = training(r, stage)
+        out += _check_acts_on_evaluations(ctx, stage, train, at)
         batch_keys = ("micro_batch_size", "grad_accum", "global_batch_size")
         if any(getattr(stage, k) is not None for k in batch_keys):
             out += _check_batch(ctx, train, world, at, f"stage {q(stage.name)}", stage.global_batch_size is not None)
@@ -216,6 +217,18 @@ def _check_stages(ctx: Context) -> list[Diagnostic]:
                 out.append(ctx.warning(
                     f"stage {q(stage.name)}: learning_rate = {train.learning_rate:g} is high for full fine-tuning of "
                     "a pretrained model and may erase what it knows", key, "typical values are 1e-5 to 1e-4"))
+    return out
+
+
+def _check_acts_on_evaluations(ctx: Context, stage, train, at: Key) -> list[Diagnostic]:
+    """save_best and early_stopping_patience act on the held-out evaluations during training, which
+    only eval_every_steps schedules: without it they would silently do nothing."""
+    out = []
+    for key in ("save_best", "early_stopping_patience"):
+        if getattr(train, key) and train.eval_every_steps is None:
+            where = at + (key,) if getattr(stage, key) is not None else ("train", key)
+            out.append(ctx.error(f"stage {q(stage.name)}: {key} needs eval_every_steps, the held-out evaluations "
+                                 "it acts on", where, f"set train.eval_every_steps = N (or remove {key})"))
     return out
 
 
@@ -320,6 +333,10 @@ def _check_eval(ctx: Context) -> list[Diagnostic]:
         out.append(ctx.error(f"eval reads data set {q(name)}, whose rows are prompts only: there is no completion "
                              "to score", ("eval", "data") if ev.data else ("eval",),
                              "set eval.data to a data set with completions"))
+    for i, folder in enumerate(ev.task_dirs):
+        if not ctx.path(folder).is_dir():
+            out.append(ctx.error(f"eval.task_dirs[{i}] = {q(folder)} is not a folder (paths are relative to the recipe)",
+                                 ("eval", "task_dirs"), "give a folder of lm-evaluation-harness task YAML files"))
     if ev.kind == "classification":
         if ds.format in CHAT_FORMATS or ds.format == "preference":
             out.append(ctx.error(f'eval.kind = "classification" needs labelled rows, but data set {q(name)} is {ds.format}',

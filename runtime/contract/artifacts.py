@@ -1,7 +1,8 @@
 """The files of a build directory besides runtime.json, as typed, versioned models.
 
   plan.json                 written by `recipe compile`; `Plan` is the part the runtime reads
-  metrics.jsonl             one `MetricsRecord` a line, appended as a run trains
+  metrics.jsonl             one `MetricsRecord` a line, appended as a run trains (read in
+                            runtime.contract.metrics)
   stages/<name>/done.json   a finished stage: `StageDone`, its `StageReport`
   train_report.json         `TrainReport`: every stage's report, written when a run ends
   eval.json                 `EvalReport`, written by `recipe eval`
@@ -18,7 +19,6 @@ stays absent from the file rather than appearing as null.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -154,6 +154,7 @@ class MetricsRecord(_Written):
     # row of the held-out evaluation during training, which carries `eval_loss` instead.
     loss: float | None = None
     eval_loss: float | None = None  # held-out loss at this step (`eval_every_steps`)
+    eval_accuracy: float | None = None  # and a classification eval's accuracy on a sample of it
     epoch: float | None = None
     lr: float | None = None
     grad_norm: float | None = None
@@ -227,6 +228,9 @@ class StageReport(_Written):
     evaluations: int | None = None
     best_eval_step: int | None = None
     best_eval_loss: float | None = None
+    kept_step: int | None = None  # save_best: the step whose weights are the stage's output
+    stopped_at_step: int | None = None  # early_stopping_patience ended the stage here, before its planned steps
+    stop_reason: str | None = None
     # ppo
     first_reward: float | None = None
     final_reward: float | None = None
@@ -291,6 +295,8 @@ class EvalReport(_Written):
     generated_tokens_per_s: float | None = None
     # language model
     supervised_tokens: int | None = None
+    # kind = "harness": lm-evaluation-harness's figures (runtime/harness.py: version, settings, per task)
+    harness: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,6 +354,9 @@ class RunStage(_Written):
     best_eval_step: int | None = None
     best_eval_loss: float | None = None
     last_eval_loss: float | None = None
+    kept_step: int | None = None  # save_best
+    stopped_at_step: int | None = None  # early_stopping_patience
+    stop_reason: str | None = None
     reward_steps: tuple[MetricsRecord, ...] | None = None  # grpo: the logged steps, for the per-step table
 
 
@@ -448,48 +457,3 @@ def read_eval_report(path: Path) -> EvalReport:
 
 def read_run_report(path: Path) -> RunReport:
     return _read(Path(path), RunReport, RUN_REPORT_FORMAT_VERSION, required=True)
-
-
-def read_metrics(path: Path) -> dict[str, list[MetricsRecord]]:
-    """Logged records per stage, stages in the order they first appear, records by step.
-
-    A step logged twice (a resumed run logs again from its checkpoint) keeps the later record.
-    Lines that are not records with a stage, an integer step and a finite loss are skipped (a run
-    killed mid-write leaves a partial last line); a record of another format version is refused.
-    """
-    path = Path(path)
-    by_stage: dict[str, dict[int, MetricsRecord]] = {}
-    if not path.is_file():
-        return {}
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(data, dict):
-            continue
-        check_version(f"{path}, line {number},", data, METRICS_FORMAT_VERSION)
-        try:
-            record = MetricsRecord.model_validate(data)
-        except ValidationError:
-            continue
-        if record.loss is not None and math.isfinite(record.loss):
-            by_stage.setdefault(record.stage, {})[record.step] = record
-    return {stage: [records[s] for s in sorted(records)] for stage, records in by_stage.items()}
-
-
-def read_eval_losses(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """The held-out losses logged during training, per stage: (step, eval_loss), by step. Read like
-    `read_metrics` (a step evaluated twice keeps the later value; other lines are skipped)."""
-    path = Path(path)
-    by_stage: dict[str, dict[int, float]] = {}
-    if not path.is_file():
-        return {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = MetricsRecord.model_validate_json(line)
-        except ValidationError:
-            continue
-        if record.eval_loss is not None and math.isfinite(record.eval_loss):
-            by_stage.setdefault(record.stage, {})[record.step] = record.eval_loss
-    return {stage: sorted(points.items()) for stage, points in by_stage.items()}

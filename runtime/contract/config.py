@@ -113,6 +113,8 @@ class StageSpec(_Frozen):
     momentum: float  # sgd
     log_every_steps: int
     eval_every_steps: int | None
+    save_best: bool = False  # the stage's output is its best evaluation's weights
+    early_stopping_patience: int | None = None  # evaluations without improvement before the stage stops
     save_every_steps: int | None
     keep_checkpoints: int
     length_grouping: bool
@@ -122,7 +124,7 @@ class StageSpec(_Frozen):
 
 
 class EvalSpec(_Frozen):
-    kind: Literal["classification", "language_model"]
+    kind: Literal["classification", "language_model", "harness"]
     data: str
     stage: str
     label_field: str | None
@@ -131,6 +133,12 @@ class EvalSpec(_Frozen):
     max_new_tokens: int
     batch_size: int
     samples: int
+    # kind = "harness": lm-evaluation-harness tasks, and folders of task YAML files (absolute, or
+    # relative to the directory `recipe run` and `recipe eval` start from, as the recipe's were)
+    tasks: tuple[str, ...] = ()
+    task_dirs: tuple[str, ...] = ()
+    num_fewshot: int | None = None
+    limit: int | None = None
 
 
 class HardwareSpec(_Frozen):
@@ -175,6 +183,8 @@ def unsupported(config: RuntimeConfig) -> list[str]:
                    'use quantization = "none"')
     if hw.attention == "flash_attention_2" and hw.device != "cuda":
         out.append('attention = "flash_attention_2" needs hardware.device = "cuda"')
+    if config.eval is not None and config.eval.kind == "harness" and importlib.util.find_spec("lm_eval") is None:
+        out.append(HARNESS_MISSING)
     for stage in config.stages:
         where = f'stage "{stage.name}"'
         if stage.kind in ("ppo", "grpo") and uses_deepspeed(hw):
@@ -192,9 +202,13 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         elif stage.packing and stage.adapter.kind == "prefix":
             out.append(f"{where} asks for packing with a prefix adapter, whose virtual tokens would be shared by "
                        'every sequence of a row (set packing = false, or adapter kind = "lora")')
-        if stage.kind == "ppo" and stage.eval_every_steps:
-            out.append(f"{where} is ppo, whose held-out measure is the reward of sampled completions, reported "
-                       "before and after the stage; eval_every_steps is for stages with a held-out loss (remove it)")
+        if stage.kind in ("ppo", "grpo") and stage.eval_every_steps:
+            out.append(f"{where} is {stage.kind}, whose held-out measure is the reward of sampled completions, "
+                       "reported before and after the stage; eval_every_steps is for stages with a held-out loss "
+                       "(remove it)")
+        if stage.save_best and hw.zero_stage == 3:
+            out.append(f"{where} asks for save_best, which copies the best evaluation's weights from rank 0, but "
+                       "ZeRO stage 3 shards them over the ranks; use hardware.zero_stage = 2 (or remove save_best)")
         for tracker in stage.report_to:
             if importlib.util.find_spec(TRACKER_MODULES[tracker]) is None:
                 out.append(f'{where} reports to {tracker}, which is not installed: pip install "recipe[{tracker}]" '
@@ -205,6 +219,8 @@ def unsupported(config: RuntimeConfig) -> list[str]:
     return out
 
 
+HARNESS_MISSING = ('eval.kind = "harness" runs lm-evaluation-harness, which is not installed: '
+                   'pip install "recipe[harness]" (or use kind = "language_model")')
 # The module each experiment tracker (`report_to`) needs; installed by the extra of the same name.
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 

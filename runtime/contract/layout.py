@@ -26,6 +26,9 @@ MODEL_DIR = "model"
 MERGED_DIR = "model-merged"
 STAGES_DIR = "stages"
 STAGE_DONE_FILE = "done.json"
+BEST_SWAP = "best"  # save_best: stages/<name>/.swap-best-<pid>/ while the best weights are swapped in
+BEST_WEIGHTS = "best/trainable.safetensors"  # relative to stages/<name>/
+BEST_NOTE = "best/best.json"  # the step and held-out loss of those weights, and the runtime.json they belong to
 CRITIC_DIR = "critic"  # a PPO stage's critic, beside its actor: stages/<name>/critic
 TEMPLATE_FILE = "recipe_template.json"  # the exact template a saved model was trained with
 # inside a checkpoint folder, checkpoints/<stage index>-<stage>-step<step>/

@@ -52,6 +52,8 @@ class TrainState:
     tokens: int  # non-pad tokens processed so far in this stage, all ranks
     elapsed_s: float  # training time so far in this stage, over all attempts
     world_size: int
+    # the held-out losses so far in this stage, (step, loss): save_best and early stopping go on from them
+    evaluations: tuple[tuple[int, float], ...] = ()
 
 
 def checkpoint_name(state: TrainState) -> str:
@@ -112,7 +114,9 @@ def verify(path: Path) -> tuple[TrainState | None, str | None]:
     """(state, None) for a usable checkpoint, else (None, what is wrong with it)."""
     try:
         record = json.loads((path / CHECKPOINT_STATE_FILE).read_text())
-        state = TrainState(**record["state"])
+        raw = record["state"]
+        evaluations = tuple((int(step), float(loss)) for step, loss in raw.pop("evaluations", ()))
+        state = TrainState(**raw, evaluations=evaluations)
         files = record["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"{CHECKPOINT_STATE_FILE} is unreadable ({exc})"

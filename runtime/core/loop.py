@@ -26,6 +26,7 @@ from runtime.contract.config import IncompatibleBuildError, RuntimeConfig, Stage
 from runtime.contract.layout import METRICS_FILE, PLAN_JSON
 from runtime.contract.steps import rollout_steps_per_epoch, steps_per_epoch, total_steps
 from runtime.core.backend import make_backend
+from runtime.core.best_weights import load_best_weights, save_best_weights
 from runtime.core.checkpoint import Checkpointable, CheckpointError, TrainState, load_rng_state, save_checkpoint
 from runtime.core.data import length_grouped_batches
 from runtime.core.distributed import Dist, all_ranks_sum, autocast, peak_memory_gib
@@ -92,6 +93,7 @@ class Start:
     tokens: int = 0  # non-pad tokens of all ranks before `step`
     elapsed_s: float = 0.0  # training time before `step`, over earlier attempts
     resumed: bool = False
+    evaluations: tuple[tuple[int, float], ...] = ()  # the held-out losses before `step`
 
 
 def resume(run: Run, index: int, stage: StageSpec, steps: int, saved: Checkpointable) -> Start:
@@ -108,7 +110,8 @@ def resume(run: Run, index: int, stage: StageSpec, steps: int, saved: Checkpoint
     saved.load(folder)
     load_rng_state(folder, run.d.rank)
     run.log(f'resuming stage "{stage.name}" at step {state.step}/{steps} from {folder}')
-    return Start(step=state.step, tokens=state.tokens, elapsed_s=state.elapsed_s, resumed=True)
+    return Start(step=state.step, tokens=state.tokens, elapsed_s=state.elapsed_s, resumed=True,
+                 evaluations=state.evaluations)
 
 
 class Progress:
@@ -217,10 +220,11 @@ class StageLog:
         for tracker in self.trackers:
             tracker.log(record.step, scalars_of(record))
 
-    def record_eval(self, step: int, eval_loss: float) -> None:
-        """A held-out evaluation's row: the stage, the step and `eval_loss`."""
-        self.write(MetricsRecord(stage=self.stage.name, step=step, eval_loss=eval_loss))
-        self.progress.note(f"[{self.stage.name}] step {step}/{self.steps} held-out loss {eval_loss:.4f}")
+    def record_eval(self, step: int, eval_loss: float, eval_accuracy: float | None) -> None:
+        """A held-out evaluation's row: the stage, the step, `eval_loss` and `eval_accuracy`."""
+        self.write(MetricsRecord(stage=self.stage.name, step=step, eval_loss=eval_loss, eval_accuracy=eval_accuracy))
+        accuracy = f", accuracy {eval_accuracy:.4f}" if eval_accuracy is not None else ""
+        self.progress.note(f"[{self.stage.name}] step {step}/{self.steps} held-out loss {eval_loss:.4f}{accuracy}")
 
     def tick(self, step: int) -> None:
         """A step that is not logged: the progress bar moves on."""
@@ -242,14 +246,16 @@ class StageLog:
 
 
 def checkpoint_if_due(run: Run, index: int, stage: StageSpec, log: StageLog, saved: Checkpointable, step: int,
-                      *, epoch: int, batch: int) -> None:
+                      *, epoch: int, batch: int, evaluations: Sequence[tuple[int, float]] = ()) -> None:
     """A checkpoint after every `save_every_steps` steps but the last (the stage's output follows
-    it). `epoch` and `batch`: the data position of the next step. Collective."""
+    it). `epoch` and `batch`: the data position of the next step; `evaluations`: the held-out
+    losses so far. Collective."""
     if not stage.save_every_steps or step % stage.save_every_steps or step >= log.steps:
         return
     state = TrainState(
         config_sha256=run.config_sha256, stage_index=index, stage=stage.name, step=step, total_steps=log.steps,
         epoch=epoch, batch=batch, tokens=log.tokens, elapsed_s=round(log.elapsed_s(), 3), world_size=run.d.world,
+        evaluations=tuple(evaluations),
     )
     save_checkpoint(run.checkpoints, state, stage.keep_checkpoints, saved, run.d, run.device)
 
@@ -258,7 +264,8 @@ def stage_report(stage: StageSpec, log: StageLog, wall_s: float, *, examples: in
                  loss_unit: str, **extra: Any) -> StageReport:
     """The report of a stage whose log is closed; `extra`: what only this kind of stage reports."""
     return StageReport(
-        stage=stage.name, kind=stage.kind, adapter=stage.adapter.kind, steps=log.steps, start_step=log.start.step,
+        stage=stage.name, kind=stage.kind, adapter=stage.adapter.kind, start_step=log.start.step,
+        steps=extra.get("stopped_at_step") or log.steps,  # the steps taken: fewer than planned after an early stop
         wall_s=round(wall_s, 2), tokens=log.tokens, tokens_per_s=round(log.tokens / wall_s, 1) if wall_s else 0.0,
         peak_memory_gib=log.peak_memory_gib, peak_rss_gib=log.peak_rss_gib,
         first_loss=log.first.loss if log.first else None, final_loss=log.final.loss if log.final else None,
@@ -268,6 +275,23 @@ def stage_report(stage: StageSpec, log: StageLog, wall_s: float, *, examples: in
 
 # ---------------------------------------------------------------------------------------------
 # the loop of fixed-data stages
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Where and why `early_stopping_patience` ended a stage before its planned steps."""
+
+    step: int
+    reason: str
+
+
+def early_stop(run: Run, stage: StageSpec, step: int, evaluation: HeldoutLoss) -> EarlyStop:
+    """The stop at `step`, logged with its reason: the best evaluation and the patience spent since."""
+    best_step, best_loss = evaluation.best() or (0, float("nan"))
+    reason = (f"held-out loss not below {best_loss:.4f} (step {best_step}) for {stage.early_stopping_patience} "
+              f"evaluations (early_stopping_patience)")
+    run.log(f"[{stage.name}] stopping early at step {step}: {reason}")
+    return EarlyStop(step, reason)
 
 
 @dataclass
@@ -296,7 +320,8 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
     backend = make_backend(run, stage, model, objective.loss, steps)
     start = resume(run, index, stage, steps, backend)
     log = StageLog(run, index, stage, steps, start)
-    evaluation = HeldoutLoss(stage, objective.heldout_rows, objective.collate)
+    evaluation = HeldoutLoss(stage, objective.heldout_rows, objective.collate, list(start.evaluations))
+    stopped: EarlyStop | None = None
     step, window = start.step, Window()
     groups_of: dict[int, list[list[list[int]]]] = {}  # the current epoch's step groups
     model.train()
@@ -331,12 +356,28 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
         else:
             log.tick(step)
         if evaluation.due(step, steps):
-            log.record_eval(step, evaluation.measure(step, backend.forward, model, run))
+            eval_loss = evaluation.measure(step, backend.forward, model, run)
+            accuracy = objective.accuracy.measure(model, run) if objective.accuracy else None
+            log.record_eval(step, eval_loss, accuracy)
+            if stage.save_best and evaluation.improved():
+                save_best_weights(run, stage.name, model, step, eval_loss)
+            if step < steps and evaluation.patience_spent():
+                stopped = early_stop(run, stage, step, evaluation)
+                break
         next_epoch, next_group = divmod(step, per_epoch)
-        checkpoint_if_due(run, index, stage, log, backend, step, epoch=next_epoch, batch=next_group * stage.grad_accum)
+        checkpoint_if_due(run, index, stage, log, backend, step, epoch=next_epoch, batch=next_group * stage.grad_accum,
+                          evaluations=evaluation.history)
     wall_s = log.close()
-    trained = backend.trained_model()
     extra = {}
+    if stopped is not None:
+        extra.update(stopped_at_step=stopped.step, stop_reason=stopped.reason)
+    if stage.save_best and evaluation.best() is not None:
+        kept = evaluation.best()[0]
+        load_best_weights(run, stage.name, model, kept)
+        extra["kept_step"] = kept
+        run.log(f"[{stage.name}] save_best: the output is the weights of step {kept} (held-out loss "
+                f"{evaluation.best()[1]:.4f})")
+    trained = backend.trained_model()
     if objective.heldout is not None and d.is_main:
         extra["heldout"] = heldout = objective.heldout()
         run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")

@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from runtime.core.evaluation import HeldoutAccuracy
+
 
 @dataclass
 class Objective:
@@ -24,6 +26,7 @@ class Objective:
     collate: Callable[[Sequence[Any]], dict[str, torch.Tensor]]
     heldout: Callable[[], dict] | None = None  # held-out metrics once trained (rank 0 only)
     heldout_rows: Sequence[Any] = ()  # held-out items, collated like `rows`: the loss during training
+    accuracy: HeldoutAccuracy | None = None  # a classification eval's accuracy beside the held-out loss
     unit: str = "tokens"  # what the loss is averaged over: supervised tokens, pairs or rows
     # with train.packing: rows are packs; runtime.core.packing.packing_report of the sequences
     packing: dict | None = None

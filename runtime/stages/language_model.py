@@ -14,6 +14,7 @@ from torch import nn
 from runtime.contract.artifacts import StageReport
 from runtime.contract.config import StageSpec
 from runtime.core.data import collate_rows, read_training_rows
+from runtime.core.evaluation import heldout_accuracy
 from runtime.core.loop import train_objective
 from runtime.core.losses import TokenLoss
 from runtime.core.model import apply_adapter
@@ -32,9 +33,10 @@ def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
         if stage.eval_every_steps else ()
     model = apply_adapter(model, stage.adapter)
     pad_id = run.config.model.pad_token_id
+    accuracy = heldout_accuracy(run.config, run.build_dir, stage)
     if not stage.packing:
         return Objective(rows=rows, loss=TokenLoss(model), model=model, heldout_rows=heldout,
-                         collate=partial(collate_rows, pad_id=pad_id))
+                         collate=partial(collate_rows, pad_id=pad_id), accuracy=accuracy)
     budget = pack_budget(data, [len(r) for r in rows])
     report = packing_report(rows, budget)
     run.log(f'[{stage.name}] packing {report["sequences"]} sequences into {report["packs"]} rows of {budget} tokens '
@@ -43,7 +45,7 @@ def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
     # equals the unpacked one)
     return Objective(rows=pack_rows(rows, budget), loss=TokenLoss(model), model=model,
                      heldout_rows=pack_rows(heldout, budget) if heldout else (),
-                     collate=partial(collate_packed, pad_id=pad_id), packing=report)
+                     collate=partial(collate_packed, pad_id=pad_id), accuracy=accuracy, packing=report)
 
 
 def train(run: Run, index: int, stage: StageSpec, model: nn.Module) -> tuple[nn.Module, StageReport]:

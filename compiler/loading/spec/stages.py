@@ -58,6 +58,12 @@ class TrainSection(Section):
     eval_every_steps: PositiveInt | None = None
     """Compute the held-out loss every this many steps and after the last, into metrics.jsonl and
     the trackers (default: not during training). Not for ppo stages."""
+    save_best: bool = False
+    """Keep the weights of the evaluation with the lowest held-out loss as the stage's output (and
+    model/), not the last step's; needs eval_every_steps."""
+    early_stopping_patience: PositiveInt | None = None
+    """Stop the stage after this many evaluations in a row without a lower held-out loss; epochs or
+    max_steps become an upper bound. Needs eval_every_steps."""
     save_every_steps: PositiveInt | None = None
     """Write a resumable checkpoint every this many steps (default: at the end of the stage)."""
     keep_checkpoints: PositiveInt = 2
@@ -337,9 +343,10 @@ StageSection = Annotated[
 class EvalSection(Section):
     """What is measured after training, on held-out rows."""
 
-    kind: Literal["classification", "language_model"] = "classification"
+    kind: Literal["classification", "language_model", "harness"] = "classification"
     """classification: generate after the prompt and compare with a label; language_model: loss,
-    perplexity and sample generations."""
+    perplexity and sample generations; harness: those of language_model, and lm-evaluation-harness
+    `tasks` on the trained model (the harness extra: pip install "recipe[harness]")."""
     data: str | None = None
     """Data set whose held-out rows are evaluated; defaults to the last training stage's."""
     stage: str | None = None
@@ -354,9 +361,24 @@ class EvalSection(Section):
     """Prompts per generation batch."""
     samples: NonNegativeInt = 5
     """Held-out prompts whose generations are shown in the report."""
+    tasks: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    """kind = "harness": lm-evaluation-harness task (or group) names, as `lm_eval --tasks` takes them."""
+    task_dirs: Annotated[tuple[str, ...], Field(strict=False)] = ()
+    """kind = "harness": folders of your own task YAML files (relative to the recipe), searched
+    before the harness's own tasks."""
+    num_fewshot: NonNegativeInt | None = None
+    """kind = "harness": few-shot examples per prompt (default: each task's own)."""
+    limit: PositiveInt | None = None
+    """kind = "harness": at most this many examples per task (default: all)."""
 
     @model_validator(mode="after")
     def _label(self) -> EvalSection:
         if self.kind == "classification" and self.label_field is None:
             raise ValueError('kind = "classification" needs label_field = "<field holding the label>"')
+        if self.kind == "harness" and not self.tasks:
+            raise ValueError('kind = "harness" needs tasks = ["<lm-evaluation-harness task>", ...]')
+        harness_only = [key for key in ("tasks", "task_dirs", "num_fewshot", "limit") if key in self.model_fields_set]
+        if self.kind != "harness" and harness_only:
+            raise ValueError(f"{', '.join(harness_only)} set the lm-evaluation-harness run of kind = \"harness\"; "
+                             f'this eval is kind = "{self.kind}" (set kind = "harness", or remove them)')
         return self
