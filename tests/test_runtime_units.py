@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -179,13 +180,14 @@ def test_one_frozen_reference_rule_for_dpo_and_ppo() -> None:
                      trust_remote_code=False, quantization="none", vocab_size=50, n_positions=16, eos_token_id=0,
                      pad_token_id=0)
     start = build_model(spec)
+    run = SimpleNamespace(config=config)  # an fp32 build: the frozen copy keeps the start's dtype
     for kind in ("dpo", "ppo"):
         for adapter in ("lora", "prefix"):
             stage = config.stages[0].model_copy(update={"kind": kind, "start": "sft",
                                                         "adapter": AdapterSpec(kind=adapter)})
-            assert frozen_reference(None, stage, start) is None
+            assert frozen_reference(run, stage, start) is None
         stage = config.stages[0].model_copy(update={"kind": kind, "start": "sft", "adapter": AdapterSpec(kind="full")})
-        reference = frozen_reference(None, stage, start)
+        reference = frozen_reference(run, stage, start)
         assert reference is not start and not reference.training
         assert not any(p.requires_grad for p in reference.parameters())
         assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), start.parameters()))
