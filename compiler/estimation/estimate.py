@@ -207,7 +207,7 @@ def activation_bytes(a: Architecture, st: TrainSetup) -> int:
     else:
         per_model = tokens * a.layers * per_token_layer
     per_model += tokens * c.outside_per_hidden * a.hidden
-    # (autocast's half-precision copies of fp32 weights are the working copies counted in the weights)
+    # (autocast's half-precision copies of the fp32 trainable weights: `train_memory` adds them)
     return int(per_model)
 
 
