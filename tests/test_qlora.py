@@ -86,6 +86,28 @@ def test_a_4bit_lora_trains_saves_evaluates_and_merges(tmp_path: Path, tiny_llam
 
 
 @pytest.mark.slow
+def test_a_second_stage_continues_over_the_base_quantized_again(tmp_path: Path, tiny_llama: Path) -> None:
+    stages = [{"name": "sft", "kind": "sft", "max_steps": 6},
+              {"name": "more", "kind": "sft", "from": "sft", "max_steps": 6,
+               "adapter": {"kind": "lora", "rank": 4, "targets": ["q_proj", "v_proj"]}}]
+    recipe = write_json_recipe(tmp_path, _recipe(tiny_llama, "4bit", stages=stages), name="chain.json")
+    build = tmp_path / "chain"
+    assert run_cli("compile", str(recipe), "--out", str(build), cwd=tmp_path).returncode == 0
+    trained = _run("runtime.train", str(build), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    records = [json.loads(line) for line in (build / "metrics.jsonl").read_text().splitlines()]
+    first = [r["loss"] for r in records if r["stage"] == "sft"]
+    second = [r["loss"] for r in records if r["stage"] == "more"]
+    # the second stage starts where the first ended: its first loss is near the first stage's last
+    assert len(first) == len(second) == 6 and abs(second[0] - first[-1]) < 0.3 and second[-1] < first[0] - 0.3
+    # eval attaches the second adapter to the first merged into the base quantized again
+    assert json.loads((build / "model" / "adapter_config.json").read_text())["r"] == 4
+    evaluated = _run("runtime.evaluate", str(build), cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((build / "eval.json").read_text())["loss"] < math.log(50257) - 0.2
+
+
+@pytest.mark.slow
 def test_an_8bit_lora_trains(tmp_path: Path, tiny_llama: Path) -> None:
     recipe = write_json_recipe(tmp_path, _recipe(tiny_llama, "8bit"), name="int8.json")
     build = tmp_path / "int8"
