@@ -283,6 +283,7 @@ def train_memory(a: Architecture, setup: TrainSetup) -> MemoryEstimate:
 
 
 def uses_deepspeed(st: TrainSetup) -> bool:
+    """Whether the step runs under DeepSpeed (ZeRO or offload), whose engine holds the weights itself."""
     return st.zero_stage > 0 or st.offload_optimizer or st.offload_params
 
 
