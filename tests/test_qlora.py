@@ -108,6 +108,20 @@ def test_a_second_stage_continues_over_the_base_quantized_again(tmp_path: Path, 
 
 
 @pytest.mark.slow
+def test_a_4bit_lora_trains_under_zero3_on_two_processes(tmp_path: Path, tiny_llama: Path) -> None:
+    recipe = _recipe(tiny_llama, "4bit", hardware={"device": "cpu", "precision": "bf16", "nproc_per_node": 2,
+                                                   "zero_stage": 3})
+    del recipe["eval"]
+    build = tmp_path / "zero3"
+    assert run_cli("compile", str(write_json_recipe(tmp_path, recipe)), "--out", str(build), cwd=tmp_path).returncode == 0
+    ran = run_cli("run", str(build), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    losses = [json.loads(line)["loss"] for line in (build / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    assert (build / "model" / "adapter_model.safetensors").is_file() and (build / "model-merged" / "config.json").is_file()
+
+
+@pytest.mark.slow
 def test_an_8bit_lora_trains(tmp_path: Path, tiny_llama: Path) -> None:
     recipe = write_json_recipe(tmp_path, _recipe(tiny_llama, "8bit"), name="int8.json")
     build = tmp_path / "int8"
