@@ -109,8 +109,9 @@ def test_a_second_stage_continues_over_the_base_quantized_again(tmp_path: Path, 
 
 @pytest.mark.slow
 def test_a_4bit_lora_trains_under_zero3_on_two_processes(tmp_path: Path, tiny_llama: Path) -> None:
-    recipe = _recipe(tiny_llama, "4bit", hardware={"device": "cpu", "precision": "bf16", "nproc_per_node": 2,
-                                                   "zero_stage": 3})
+    recipe = _recipe(tiny_llama, "4bit")
+    recipe["hardware"].update(nproc_per_node=2, zero_stage=3)
+    recipe["train"].update(micro_batch_size=2)  # 7 training rows over 2 processes
     del recipe["eval"]
     build = tmp_path / "zero3"
     assert run_cli("compile", str(write_json_recipe(tmp_path, recipe)), "--out", str(build), cwd=tmp_path).returncode == 0
