@@ -45,8 +45,9 @@ def ours(row: dict) -> float:
     coefficients = {p: ActivationCoefficients(**v) for p, v in activation_coefficients(facts.family).items()}
     optimizer = {"paged_adamw_8bit": "adamw_8bit"}.get(row["optimizer"], row["optimizer"])
     quantization_format = row.get("quantization_format", "bnb-nf4")
+    added = trainable if row["method"] in ("lora", "qlora") else 0  # a LoRA's weights come on top of the base
     setup = TrainSetup(
-        total_parameters=total, trainable_parameters=trainable, micro_batch_size=row["micro_batch_size"],
+        total_parameters=total + added, trainable_parameters=trainable, micro_batch_size=row["micro_batch_size"],
         seq_len=row["seq_len"], supervised_per_example=row["seq_len"], precision=row["precision"], device="cuda",
         optimizer=optimizer if optimizer in ("adamw", "adamw_8bit", "sgd", "adafactor") else "adamw",
         quantization=row.get("quantization", "none"), world_size=row["gpus"], zero_stage=row["zero_stage"],

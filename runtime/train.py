@@ -39,7 +39,7 @@ from runtime.core.checkpoint import CheckpointError, latest_usable, remove_stale
 from runtime.core.distributed import Dist, select_device, setup_distributed, shutdown_distributed
 from runtime.core.host_memory import return_freed_blocks_to_system
 from runtime.core.loop import check_planned_steps
-from runtime.core.model import ModelLoadError
+from runtime.core.model import ModelLoadError, hold_in_precision
 from runtime.core.outputs import finish_stage, finished_report, merged, starting_model
 from runtime.core.run import Run
 from runtime.report import write_run_report
@@ -87,7 +87,7 @@ def train(config: RuntimeConfig, build_dir: Path, d: Dist) -> TrainReport:
             continue
         if model is None or stage.start != previous:
             model = starting_model(config, build_dir, stage)
-        model = model.to(device)
+        model = hold_in_precision(model, config.hardware, trains_whole=stage.adapter.kind == "full").to(device)
         trained, report = STAGES[stage.kind](run, index, stage, model)
         finish_stage(run, stage, trained, report, last)
         d.barrier()

@@ -3,12 +3,14 @@ meta device (no weights are allocated) and against published figures."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from compiler.estimation.catalog import ModelFacts, load_model_facts, model_catalog
-from compiler.estimation.estimate import TrainSetup, train_memory
+from compiler.estimation.estimate import TrainSetup, activation_bytes, quantized_matrix_bytes, train_memory
 from compiler.estimation.params import architecture, lora_parameters, parameters, prefix_parameters
 
 
@@ -93,16 +95,21 @@ def test_memory_breakdown_scales_as_documented() -> None:
     doubled = train_memory(a, _setup(micro_batch_size=8))
     assert doubled.activations_bytes == 2 * fp32.activations_bytes
     bf16 = train_memory(a, _setup(precision="bf16", device="cuda"))
-    assert bf16.weights_bytes == 6000  # bf16 working copy + fp32 master
+    assert bf16.weights_bytes == 4000  # fp32 master weights; autocast computes with bf16 copies of them
+    # ... which the forward pass saves for backward: 2 bytes a weight, with the activations
+    assert bf16.activations_bytes == activation_bytes(a, _setup(precision="bf16", device="cuda")) + 2000
     assert bf16.overhead_bytes > 0
+    deepspeed = train_memory(a, _setup(precision="bf16", device="cuda", zero_stage=1))
+    assert deepspeed.weights_bytes == 6000  # the engine's bf16 module + the fp32 master in its optimizer
     lora = train_memory(a, _setup(trainable_parameters=10, precision="bf16", device="cuda", quantization="4bit"))
-    # 4-bit: half a byte per weight plus one fp32 absmax per block of 64 weights (4 / 64 byte); the
-    # 990 frozen weights all fit in the blocks' linear layers here, so all of them are quantized
-    assert lora.weights_bytes == int(990 * (0.5 + 4 / 64)) + 10 * 6 == 616 and lora.optimizer_bytes == 80
+    # 4-bit: half a byte per weight plus one fp32 absmax per block of 64 weights (4 / 64 byte); these
+    # 990 frozen weights are fewer than the blocks' linear layers hold, so all of them are priced as
+    # quantized; the 10 trainable ones are fp32 masters
+    assert lora.weights_bytes == int(990 * (0.5 + 4 / 64)) + 10 * 4 == 596 and lora.optimizer_bytes == 80
     double = train_memory(a, _setup(trainable_parameters=10, precision="bf16", device="cuda", quantization="4bit",
                                     double_quantization=True))
     # QLoRA's double quantization: 8-bit absmax per 64 weights, one fp32 constant per 256 blocks
-    assert double.weights_bytes == int(990 * (0.5 + 1 / 64 + 4 / (64 * 256))) + 10 * 6 == 570
+    assert double.weights_bytes == int(990 * (0.5 + 1 / 64 + 4 / (64 * 256))) + 10 * 4 == 550
     zero3 = train_memory(a, _setup(world_size=4, zero_stage=3))
     assert (zero3.weights_bytes, zero3.gradients_bytes, zero3.optimizer_bytes) == (1000, 1000, 2000)
     # two whole blocks are gathered at a time; a GPT-2 block of width 64: c_attn 64x192+192, attention
@@ -113,6 +120,18 @@ def test_memory_breakdown_scales_as_documented() -> None:
     assert (zero1.weights_bytes, zero1.gradients_bytes, zero1.optimizer_bytes) == (4000, 4000, 2000)
     checkpointed = train_memory(a, _setup(gradient_checkpointing=True))
     assert checkpointed.activations_bytes < fp32.activations_bytes
+
+
+def test_a_quantized_matrix_takes_what_bitsandbytes_allocates() -> None:
+    st = _setup(quantization="4bit", double_quantization=True)
+    # 64 x 64 in NF4: 4,096 / 2 packed bytes, 64 uint8 absmax (one per 64 weights), one fp32 absmax
+    # of those (one per 256 blocks), the 256-value fp32 code of the nested quantization and its fp32
+    # offset, and the 16-value fp32 NF4 code
+    assert quantized_matrix_bytes(64, 64, st) == 2048 + 64 + 4 + 256 * 4 + 4 + 16 * 4
+    # without double quantization: one fp32 absmax per 64 weights
+    assert quantized_matrix_bytes(64, 64, replace(st, double_quantization=False)) == 2048 + 64 * 4 + 16 * 4
+    # LLM.int8: a byte per weight and an fp32 scale per output row (128 rows here)
+    assert quantized_matrix_bytes(64, 128, replace(st, quantization="8bit")) == 64 * 128 + 128 * 4
 
 
 def test_optimizer_in_backward_holds_one_gradient_at_a_time() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -180,13 +181,32 @@ def test_one_frozen_reference_rule_for_dpo_and_ppo() -> None:
                      trust_remote_code=False, quantization="none", vocab_size=50, n_positions=16, eos_token_id=0,
                      pad_token_id=0)
     start = build_model(spec)
+    run = SimpleNamespace(config=config)  # an fp32 build: the frozen copy keeps the start's dtype
     for kind in ("dpo", "ppo"):
         for adapter in ("lora", "prefix"):
             stage = config.stages[0].model_copy(update={"kind": kind, "start": "sft",
                                                         "adapter": AdapterSpec(kind=adapter)})
-            assert frozen_reference(None, stage, start) is None
+            assert frozen_reference(run, stage, start) is None
         stage = config.stages[0].model_copy(update={"kind": kind, "start": "sft", "adapter": AdapterSpec(kind="full")})
-        reference = frozen_reference(None, stage, start)
+        reference = frozen_reference(run, stage, start)
         assert reference is not start and not reference.training
         assert not any(p.requires_grad for p in reference.parameters())
         assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), start.parameters()))
+
+
+def test_an_adapter_of_matrices_only_gets_one_parameter_group() -> None:
+    """No empty group: DeepSpeed's ZeRO optimizer drops one, and the scheduler would then step
+    more groups than the optimizer holds."""
+    from runtime.contract.config import AdapterSpec, StageSpec
+    from runtime.core.optim import build_optimizer, build_scheduler
+
+    stage = StageSpec(name="sft", kind="sft", data="d", start="base", adapter=AdapterSpec(kind="lora"), epochs=1,
+                      max_steps=None, micro_batch_size=1, grad_accum=1, learning_rate=1e-2, lr_schedule="cosine",
+                      warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0, optimizer="adamw", adam_betas=(0.9, 0.999),
+                      adam_eps=1e-8, log_every_steps=1, eval_every_steps=None, save_every_steps=None,
+                      keep_checkpoints=1, length_grouping=True, packing=False, momentum=0.9, report_to=(), params={})
+    matrices = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False), torch.nn.Linear(2, 4, bias=False))
+    optimizer = build_optimizer(matrices, stage)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1]
+    assert len(build_scheduler(optimizer, stage, 10).get_last_lr()) == 1
+    assert [g["weight_decay"] for g in build_optimizer(torch.nn.Linear(4, 2), stage).param_groups] == [0.1, 0.0]

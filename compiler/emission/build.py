@@ -62,6 +62,7 @@ class Build:
     files: dict[str, bytes]
     plan: dict
     warnings: tuple[Diagnostic, ...]
+    estimates: tuple[StageEstimate, ...] = ()  # the plan's figures in bytes, before rounding
 
 
 def compile_recipe(path: Path, overrides: Sequence[Override] = ()) -> Build:
@@ -117,7 +118,7 @@ def compile_recipe(path: Path, overrides: Sequence[Override] = ()) -> Build:
     files[SLURM_JOB] = render_slurm(config, recipe, recipe_file).encode()
     files.update(ds_config_files(config))
     files[MANIFEST_FILE] = manifest(loaded, files, prepared).encode()
-    return Build(name=recipe.name, files=files, plan=plan, warnings=tuple(warnings))
+    return Build(name=recipe.name, files=files, plan=plan, warnings=tuple(warnings), estimates=tuple(estimates))
 
 
 def write_build(build: Build, out_dir: Path) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from compiler.estimation.attention import attention_bytes, final_softcap_bytes_per_logit
-from compiler.estimation.params import Architecture, block_linear_weights, block_parameters, linear_shapes
+from compiler.estimation.params import Architecture, block_linear_weights, block_parameters, layer_kinds, linear_shapes
 
 GIB = 1024**3
 
@@ -59,14 +59,20 @@ class MemoryEstimate:
 _WORKING_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _MASTER_BYTES = {"fp32": 0, "bf16": 4, "fp16": 4}
 _GRAD_BYTES = {"fp32": 4, "bf16": 4, "fp16": 4}
-# Stored bytes per quantized weight. 4-bit (bitsandbytes NF4/FP4) packs two weights in a byte and
-# keeps one fp32 absmax constant per block of 64 weights: 0.5 + 4/64. Double quantization (Dettmers
-# et al. 2023, QLoRA, arXiv:2305.14314, section 3: "from 32/64 = 0.5 bits to 8/64 + 32/(64*256) =
-# 0.127 bits per parameter") stores those constants in 8 bits with one fp32 constant per 256 blocks;
+# Stored bytes per quantized weight, on average (the frozen models a stage holds besides the one it
+# trains are priced with these). 4-bit (bitsandbytes NF4/FP4) packs two weights in a byte and keeps
+# one fp32 absmax constant per block of 64 weights: 0.5 + 4/64. Double quantization (Dettmers et al.
+# 2023, QLoRA, arXiv:2305.14314, section 3: "from 32/64 = 0.5 bits to 8/64 + 32/(64*256) = 0.127
+# bits per parameter") stores those constants in 8 bits with one fp32 constant per 256 blocks;
 # torchao's NF4 (torchtune's QLoRA: block 64, scaler block 256) does the same. 8-bit (LLM.int8) is
-# one byte plus an fp32 scale per output row (4 / in_features bytes, left out).
+# one byte plus an fp32 scale per output row (4 / in_features bytes, left out here).
 _QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
 _DOUBLE_QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
+# What bitsandbytes 0.50 allocates per quantized matrix besides the packed weights (its
+# QuantState, bitsandbytes/functional.py): the 16-value fp32 NF4 code, and with double
+# quantization the 256-value fp32 code of the 8-bit absmax and its fp32 offset.
+_NF4_BLOCK, _NESTED_BLOCK = 64, 256
+_NF4_CODE_BYTES, _NESTED_CODE_BYTES, _NESTED_OFFSET_BYTES = 16 * 4, 256 * 4, 4
 # Optimizer state per trainable parameter: AdamW two fp32 moments; 8-bit AdamW two int8 moments
 # (plus small block scales); SGD one fp32 momentum buffer. Adafactor's factored second moment is
 # O(rows + cols) per matrix: counted as one fp32 value per hidden-width row, i.e. 4 / hidden.
@@ -81,8 +87,12 @@ _OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 4}
 #   "half"          cross-entropy on the working-width logits (LitGPT's chunked_cross_entropy, whose
 #                   logit chunks the training loop holds through backward): logits and log-softmax
 _LOSS_LOGIT_VALUES = {"fp32": (0, 3), "chunked_fp32": (1, 1), "half": (2, 0)}
-# Autocast keeps a half-precision copy of each weight matrix it casts, for the backward pass.
+# Autocast keeps a half-precision copy of each fp32 weight matrix it casts, saved for the backward
+# pass and freed by it.
 AUTOCAST_WEIGHT_COPY_BYTES = 2
+# transformers' rotary embedding holds two fp32 buffers, `inv_freq` and `original_inv_freq`, of
+# ceil(head_dim / 2) values each, once per model.
+_ROTARY_BUFFERS = 2
 # CUDA context plus allocator slack; measured figures vary by driver (300-900 MiB on recent GPUs).
 _CUDA_OVERHEAD_BYTES = 768 * 1024**2
 
@@ -115,7 +125,7 @@ KORTHIKANTI = ActivationCoefficients(per_hidden=34 - 16, per_intermediate=4, per
 class TrainSetup:
     """What one training step holds in memory, besides the architecture."""
 
-    total_parameters: int
+    total_parameters: int  # every weight the trained model holds: the base, plus a LoRA or prefix adapter's
     trainable_parameters: int
     micro_batch_size: int
     seq_len: int
@@ -158,8 +168,7 @@ def half_precision_weights(st: TrainSetup) -> bool:
     fine-tuning without DeepSpeed): the blocks' residual additions then stay in fp32."""
     if st.precision == "fp32":
         return False
-    deepspeed = st.zero_stage > 0 or st.offload_optimizer or st.offload_params
-    return not st.master_weights or st.trainable_parameters < st.total_parameters or deepspeed
+    return not st.master_weights or st.trainable_parameters < st.total_parameters or uses_deepspeed(st)
 
 
 def coefficient_keys(st: TrainSetup) -> list[str]:
@@ -202,7 +211,7 @@ def activation_bytes(a: Architecture, st: TrainSetup) -> int:
                                  sequences=st.micro_batch_size * st.sequences_per_example,
                                  implementation=st.attention, working_bytes=_WORKING_BYTES[st.precision],
                                  checkpointed=st.gradient_checkpointing)
-    # (autocast's half-precision copies of fp32 weights are the working copies counted in the weights)
+    # (autocast's half-precision copies of the fp32 trainable weights: `train_memory` adds them)
     return int(per_model)
 
 
@@ -219,12 +228,8 @@ def train_memory(a: Architecture, setup: TrainSetup) -> MemoryEstimate:
     """
     st = setup
     working = _WORKING_BYTES[st.precision]
-    frozen = st.total_parameters - st.trainable_parameters
-    quantized = min(frozen, quantized_parameters(a, st))  # the rest (embeddings, norms) keeps the working width
-    frozen_bytes = int(quantized * _quantized_bytes(st)) + (frozen - quantized) * working
     pure = not st.master_weights and st.precision != "fp32"
-    master = 0 if pure else _MASTER_BYTES[st.precision]
-    weights = frozen_bytes + st.trainable_parameters * (working + master)
+    weights = stored_weight_bytes(a, st)
     gradients = st.trainable_parameters * (working if pure else _GRAD_BYTES[st.precision])
     if st.optimizer_in_backward:
         # Each parameter is stepped and its gradient freed as soon as backward produces it
@@ -256,7 +261,9 @@ def train_memory(a: Architecture, setup: TrainSetup) -> MemoryEstimate:
     # (torch.distributed.fsdp docs). Two blocks at their stored width, offloaded or not.
     gathered = 2 * _stored_block_bytes(a, st) if st.zero_stage >= 3 and world > 1 else 0
     others = sum(int(n * _quantized_bytes(st)) for n in st.frozen_model_parameters)
-    activations = activation_bytes(a, st)
+    # autocast's half-precision copies of the fp32 trainable weights, saved for backward like the
+    # activations (the calibrated coefficients leave them out: benchmarks/calibrate_activations.py)
+    activations = activation_bytes(a, st) + st.trainable_parameters * _autocast_copy_bytes(st)
     # logits at supervised positions only, at the bytes the loss implementation holds per logit
     working_values, fp32_values = _LOSS_LOGIT_VALUES[st.loss_logits]
     loss_width = 4 if fp32_values else working
@@ -278,6 +285,77 @@ def train_memory(a: Architecture, setup: TrainSetup) -> MemoryEstimate:
         peak_bytes=peak,
         gathered_bytes=gathered,
     )
+
+
+def uses_deepspeed(st: TrainSetup) -> bool:
+    """Whether the step runs under DeepSpeed (ZeRO or offload), whose engine holds the weights itself."""
+    return st.zero_stage > 0 or st.offload_optimizer or st.offload_params
+
+
+def stored_weight_bytes(a: Architecture, st: TrainSetup) -> int:
+    """The weights as the runtime holds them on one device, before ZeRO shards them.
+
+    The frozen weights are stored at the working width (bf16 or fp16 under mixed precision) or
+    quantized; the trainable ones as fp32 master copies, which the optimizer updates and autocast
+    casts to the working width as each layer computes (those copies are counted with the
+    activations). DeepSpeed's bf16/fp16 engine instead casts the module to the working width and
+    keeps the fp32 master copy in its optimizer: both are counted. In pure half precision the
+    trainable weights are stored at the working width only. Rotary models add their fp32
+    inverse-frequency buffers."""
+    working = _WORKING_BYTES[st.precision]
+    frozen = st.total_parameters - st.trainable_parameters
+    quantized = quantized_parameters(a, st)
+    if quantized > frozen:  # counts that are not this architecture's: price every frozen weight as quantized
+        frozen_bytes = int(frozen * _quantized_bytes(st))
+    else:
+        frozen_bytes = quantized_matrices_bytes(a, st) + (frozen - quantized) * working
+    if st.precision == "fp32":
+        trainable_width = 4
+    elif not st.master_weights:
+        trainable_width = working
+    elif uses_deepspeed(st):
+        trainable_width = working + _MASTER_BYTES[st.precision]
+    else:
+        trainable_width = _MASTER_BYTES[st.precision]
+    buffers = _ROTARY_BUFFERS * -(-a.head_dim // 2) * 4 if a.positions == 0 else 0
+    return frozen_bytes + st.trainable_parameters * trainable_width + buffers
+
+
+def _autocast_copy_bytes(st: TrainSetup) -> int:
+    """Bytes per trainable weight of autocast's working-width copy: only fp32 master weights that
+    autocast casts, i.e. mixed precision without DeepSpeed (whose engine computes in half)."""
+    if st.precision == "fp32" or not st.master_weights or uses_deepspeed(st):
+        return 0
+    return AUTOCAST_WEIGHT_COPY_BYTES
+
+
+def quantized_matrix_bytes(rows: int, cols: int, st: TrainSetup) -> int:
+    """Bytes bitsandbytes allocates for one quantized `rows x cols` weight matrix.
+
+    8-bit (Linear8bitLt): int8 weights and one fp32 scale per output row (`SCB`). 4-bit
+    (Linear4bit): two weights per byte, one absmax per block of 64 weights (fp32, or uint8 when
+    double-quantized, with one fp32 absmax per 256 blocks, a 256-value code and an offset), and
+    the 16-value NF4 code."""
+    n = rows * cols
+    if st.quantization == "8bit":
+        return n + 4 * cols
+    blocks = -(-n // _NF4_BLOCK)
+    packed = -(-n // 2)
+    if not st.double_quantization:
+        return packed + 4 * blocks + _NF4_CODE_BYTES
+    nested = -(-blocks // _NESTED_BLOCK)
+    return packed + blocks + 4 * nested + _NESTED_CODE_BYTES + _NESTED_OFFSET_BYTES + _NF4_CODE_BYTES
+
+
+def quantized_matrices_bytes(a: Architecture, st: TrainSetup) -> int:
+    """Bytes of every matrix `quantized_parameters` counts, as bitsandbytes stores them."""
+    if st.quantization == "none":
+        return 0
+    shapes = [(i, o) for _, i, o, _ in a.meta.all_linears] if a.meta is not None else \
+        [(i, o) for n, sparse in layer_kinds(a) for _ in range(n) for _, i, o, _ in linear_shapes(a, sparse)]
+    if st.quantized_head and not a.tied_embeddings:
+        shapes.append((a.hidden, a.vocab_size))
+    return sum(quantized_matrix_bytes(i, o, st) for i, o in shapes)
 
 
 def quantized_parameters(a: Architecture, st: TrainSetup) -> int:

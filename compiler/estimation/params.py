@@ -244,7 +244,7 @@ def routes_experts(a: Architecture) -> bool:
     return a.sparse_layers > 0 or (a.meta is not None and a.meta.idle_expert_parameters > 0)
 
 
-def _layer_kinds(a: Architecture) -> list[tuple[int, bool]]:
+def layer_kinds(a: Architecture) -> list[tuple[int, bool]]:
     """(number of blocks, sparse) for the dense and the mixture-of-experts blocks."""
     return [(n, sparse) for n, sparse in ((a.dense_layers, False), (a.sparse_layers, True)) if n]
 
@@ -266,14 +266,14 @@ def linear_names(a: Architecture) -> tuple[str, ...]:
     block is sparse has no dense gate/up/down projections)."""
     if a.meta is not None:
         return tuple(sorted({n for n, _, _, _ in a.meta.all_linears}))
-    return tuple(dict.fromkeys(name for _, sparse in _layer_kinds(a) for name, _, _, _ in linear_shapes(a, sparse)))
+    return tuple(dict.fromkeys(name for _, sparse in layer_kinds(a) for name, _, _, _ in linear_shapes(a, sparse)))
 
 
 def block_linear_weights(a: Architecture) -> int:
     """Weight-matrix parameters of every block's nn.Linear layers (what bitsandbytes quantizes)."""
     if a.meta is not None:
         return sum(i * o for _, i, o, _ in a.meta.all_linears)
-    return sum(n * sum(i * o for _, i, o, _ in linear_shapes(a, sparse)) for n, sparse in _layer_kinds(a))
+    return sum(n * sum(i * o for _, i, o, _ in linear_shapes(a, sparse)) for n, sparse in layer_kinds(a))
 
 
 def expert_lora_parameters(a: Architecture, rank: int, expert_targets: list[str] | tuple[str, ...]) -> int:
@@ -297,7 +297,7 @@ def lora_parameters(a: Architecture, rank: int, targets: list[str] | str,
     if a.meta is not None:
         return sum(rank * (i + o) for name, i, o, _ in a.meta.all_linears if targets == "all-linear" or name in targets)
     total = 0
-    for n, sparse in _layer_kinds(a):
+    for n, sparse in layer_kinds(a):
         chosen = [(i, o) for name, i, o, _ in linear_shapes(a, sparse) if targets == "all-linear" or name in targets]
         total += n * sum(rank * (i + o) for i, o in chosen)
     return total

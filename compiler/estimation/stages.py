@@ -136,13 +136,16 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
     sequences = 2 if pairs else 1
     # A vision tower is held like a frozen model beside the language model the stage trains.
     vision = (total.vision,) if total.vision else ()
+    # LoRA and prefix tuning add their weights to the base; freeze trains a share of it
+    added = trainable if isinstance(adapter, (LoraAdapter, PrefixAdapter)) else 0
     setup = TrainSetup(
-        total_parameters=total.text, trainable_parameters=trainable, micro_batch_size=t.micro_batch_size,
+        total_parameters=total.text + added, trainable_parameters=trainable, micro_batch_size=t.micro_batch_size,
         seq_len=max_total_tokens,
         supervised_per_example=1 if isinstance(stage, RewardStage) else max(1, max_completion_tokens if stage.kind == "sft"
                                                                              else max_total_tokens),
         precision=hw.precision, device=hw.device, optimizer=t.optimizer,
         quantization=recipe.model.quantization if isinstance(recipe.model, PretrainedModel) else "none",
+        double_quantization=True,  # the runtime loads a 4-bit base as QLoRA does: NF4, double-quantized
         world_size=world, zero_stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
         offload_params=hw.offload_params, gradient_checkpointing=hw.gradient_checkpointing, attention=hw.attention,
         grad_accum=t.grad_accum, dropout=dropout, sequences_per_example=sequences,
@@ -243,8 +246,10 @@ def _candidate_changes(arch: Architecture, setup: TrainSetup, adapter, limit: fl
         out.append(("hardware.zero_stage >= 1 with offload_optimizer = true",
                     replace(setup, zero_stage=max(1, setup.zero_stage), offload_optimizer=True), _TIME_FACTOR["offload"]))
     if isinstance(adapter, FullAdapter) and setup.trainable_parameters == setup.total_parameters:
+        lora = lora_parameters(arch, 16, "all-linear")
         out.append(('[adapter] kind = "lora", rank = 16, targets = "all-linear"',
-                    replace(setup, trainable_parameters=lora_parameters(arch, 16, "all-linear")), _TIME_FACTOR["lora"]))
+                    replace(setup, total_parameters=setup.total_parameters + lora, trainable_parameters=lora),
+                    _TIME_FACTOR["lora"]))
     if setup.trainable_parameters < setup.total_parameters and setup.quantization == "none" and setup.device == "cuda":
         out.append(('model.quantization = "4bit" (QLoRA)', replace(setup, quantization="4bit"),
                     _TIME_FACTOR["quantization"]))

@@ -177,10 +177,9 @@ def unsupported(config: RuntimeConfig) -> list[str]:
     (and priced) but not trained yet. Refusing them by name beats silently ignoring them."""
     out = []
     model, hw = config.model, config.hardware
-    if model.quantization != "none":
-        out.append(f"model.quantization = \"{model.quantization}\": bitsandbytes loads and trains quantized bases "
-                   "on cpu and cuda, but this runtime cannot yet save, merge or reload a stage trained on one; "
-                   'use quantization = "none"')
+    if model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        out.append(f'model.quantization = "{model.quantization}" needs bitsandbytes; install the qlora extra '
+                   "(pip install 'recipe[qlora]') or use quantization = \"none\"")
     if hw.attention == "flash_attention_2" and hw.device != "cuda":
         out.append('attention = "flash_attention_2" needs hardware.device = "cuda"')
     if config.eval is not None and config.eval.kind == "harness" and importlib.util.find_spec("lm_eval") is None:
@@ -193,6 +192,9 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         if stage.kind in ("reward", "ppo") and stage.adapter.kind == "prefix":
             out.append(f"{where} is {stage.kind} with a prefix adapter; reward models and critics train "
                        "lora, freeze or full adapters")
+        if stage.kind in ("reward", "ppo") and model.quantization != "none":
+            out.append(f'{where} is {stage.kind}, whose reward model or critic is built from the weights of a '
+                       f'causal model, which a quantized base cannot hand over; use model.quantization = "none"')
         if stage.optimizer == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
             out.append(f"{where} asks for adamw_8bit, which needs bitsandbytes; install the qlora extra "
                        "(pip install 'recipe[qlora]') or use optimizer = \"adamw\"")

@@ -48,21 +48,31 @@ def build_model(spec: ModelSpec) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def load_model(spec: ModelSpec, hardware: HardwareSpec) -> PreTrainedModel:
+# The dtype frozen weights are held in, by the build's precision: the working precision itself.
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(spec: ModelSpec, hardware: HardwareSpec, *, frozen: bool = False) -> PreTrainedModel:
     """The stage's starting model: scratch, or pretrained weights from a path, an asset or the hub.
 
-    Weights stay fp32; mixed precision comes from autocast, so optimizer state and master weights
-    match what the estimator assumed."""
+    A model that trains whole (`frozen` false) stays fp32: mixed precision comes from autocast over
+    fp32 master weights. The base of an adapter and a frozen reference (`frozen`) are held in the
+    working precision (bf16, fp16), and quantized by bitsandbytes when the build asks for it
+    (`model.quantization`): 2 bytes, or 4 or 8 bits, per frozen weight, as the plan counts them.
+    `keep_fp32_masters` later gives whatever an adapter trains its fp32 copy."""
+    dtype = FROZEN_DTYPES[hardware.precision] if frozen else torch.float32
     if spec.init == "scratch":
-        model = build_model(spec)
+        model = build_model(spec).to(dtype)
     else:
         weights = spec.weights
         if weights is None:
             raise ModelLoadError("the build has a pretrained model without weights; recompile the recipe")
         source, kwargs = _weights_source(weights)
+        if frozen and spec.quantization != "none":
+            kwargs.update(quantized_loading(spec, hardware))
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source, trust_remote_code=spec.trust_remote_code, dtype=torch.float32,
+                source, trust_remote_code=spec.trust_remote_code, dtype=dtype,
                 attn_implementation=hardware.attention, **kwargs,
             )
         except (OSError, ValueError) as exc:
@@ -71,6 +81,49 @@ def load_model(spec: ModelSpec, hardware: HardwareSpec) -> PreTrainedModel:
     if hardware.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    return model
+
+
+def quantized_loading(spec: ModelSpec, hardware: HardwareSpec) -> dict:
+    """`from_pretrained` arguments that quantize the base as QLoRA does (Dettmers et al. 2023):
+    4-bit NF4 with double quantization, computing in the working precision; or LLM.int8 8-bit.
+    The weights are quantized as they load, on the device the run trains on. transformers keeps
+    the output layer at the working width (`llm_int8_skip_modules` default)."""
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it; refused with the install hint if absent)
+    except ImportError:
+        raise ModelLoadError(f'model.quantization = "{spec.quantization}" needs bitsandbytes: '
+                             "pip install 'recipe[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=FROZEN_DTYPES[hardware.precision])
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    device = torch.cuda.current_device() if hardware.device == "cuda" else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether bitsandbytes quantized the model's base (its dtype can no longer be changed)."""
+    return bool(getattr(hf_model(model), "is_quantized", False))
+
+
+def hold_in_precision(model: PreTrainedModel, hardware: HardwareSpec, *, trains_whole: bool) -> PreTrainedModel:
+    """`model` (an earlier stage's output) in the dtype `load_model` would give it: fp32 when it
+    trains whole, the working precision when it is frozen or an adapter trains on top of it."""
+    if is_quantized(model):
+        return model
+    return model.to(torch.float32 if trains_whole else FROZEN_DTYPES[hardware.precision])
+
+
+def keep_fp32_masters(model: nn.Module) -> nn.Module:
+    """Hold every trainable parameter in fp32: the master copy the optimizer updates, which
+    autocast casts to the working precision as each layer computes. Frozen weights keep theirs."""
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
     return model
 
 
@@ -174,7 +227,7 @@ def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec, *, scalar: bool 
                 position.requires_grad_(True)
         if scalar:
             model.score.requires_grad_(True)
-        return model
+        return keep_fp32_masters(model)
     from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
     if adapter.kind == "lora":
@@ -197,7 +250,10 @@ def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec, *, scalar: bool 
         )
     else:
         raise ValueError(f"unknown adapter kind {adapter.kind!r}")
-    return get_peft_model(model, config)
+    # Not peft's prepare_model_for_kbit_training for a quantized base: besides freezing it (which
+    # get_peft_model does) it casts the embeddings, norms and output layer to fp32, doubling them
+    # against the plan, and its input gradients serve reentrant checkpointing, which is not used.
+    return keep_fp32_masters(get_peft_model(model, config))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -233,7 +289,8 @@ def scalar_model(causal: PreTrainedModel, seed: int) -> PreTrainedModel:
     config.num_labels = 1
     config.problem_type = "regression"
     config.architectures = None
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation,
+                                                           dtype=causal.dtype)
     model.base_model.load_state_dict(causal.base_model.state_dict())
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -12,10 +12,10 @@ def build_optimizer(model: torch.nn.Module, stage: StageSpec) -> torch.optim.Opt
     """The planned optimizer; weight decay on matrices only (biases and layer norms are not decayed)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": stage.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    # An empty group is left out (a LoRA trains matrices only): DeepSpeed's ZeRO optimizer drops
+    # it, and the scheduler would then step more groups than the optimizer has.
+    groups = [g for g in ({"params": decay, "weight_decay": stage.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if stage.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=stage.learning_rate, momentum=stage.momentum)
     if stage.optimizer == "adafactor":

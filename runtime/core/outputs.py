@@ -26,7 +26,7 @@ from runtime.contract.config import IncompatibleBuildError, RuntimeConfig, Stage
 from runtime.contract.files import write_atomic
 from runtime.contract.layout import MERGED_DIR, MODEL_DIR, STAGE_DONE_FILE, TEMPLATE_FILE, stage_dir
 from runtime.core.checkpoint import CheckpointError
-from runtime.core.model import is_scalar, load_model, scalar_model
+from runtime.core.model import hold_in_precision, is_quantized, is_scalar, load_model, scalar_model
 from runtime.core.run import Run
 
 
@@ -83,6 +83,20 @@ def merged(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def merged_export(run: Run, stage: StageSpec, model: torch.nn.Module, adapter_folder: Path) -> torch.nn.Module:
+    """The LoRA stage's model with its adapter merged, for `model-merged/`.
+
+    Over a quantized base the adapter is merged into the dequantized base, the weights it was
+    trained against, held in the working precision (QLoRA's usual export): merging into the
+    4-bit weights would round the sum back to 4 bits."""
+    if not is_quantized(model):
+        return merged(copy.deepcopy(model))
+    from peft import PeftModel
+
+    base = starting_model(run.config, run.build_dir, stage).dequantize()
+    return PeftModel.from_pretrained(base, adapter_folder).merge_and_unload()
+
+
 def finish_stage(run: Run, stage: StageSpec, model: torch.nn.Module, report: StageReport, last: bool) -> None:
     """Save a trained stage's output (and the build's model/ after the last stage), then mark it
     done; rank 0 writes, the other ranks return at once."""
@@ -94,7 +108,7 @@ def finish_stage(run: Run, stage: StageSpec, model: torch.nn.Module, report: Sta
     if last:
         save_model(run, stage, model, run.build_dir / MODEL_DIR)
         if stage.adapter.kind == "lora" and stage.adapter.params.get("merge"):
-            save_model(run, stage, merged(copy.deepcopy(model)), run.build_dir / MERGED_DIR)
+            save_model(run, stage, merged_export(run, stage, model, folder / MODEL_DIR), run.build_dir / MERGED_DIR)
     done = StageDone(config_sha256=run.config_sha256, report=report)
     write_atomic(folder / STAGE_DONE_FILE, dumps(done).encode())
 
@@ -121,8 +135,9 @@ def starting_model(config: RuntimeConfig, build_dir: Path, stage: StageSpec) -> 
     """The weights a stage starts from: the base model, or an earlier stage's output."""
     if stage.start == "base":
         torch.manual_seed(config.seed)  # scratch weights are the same on every rank and every attempt
-        return load_model(config.model, config.hardware)
-    return load_stage_output(config, build_dir, stage.start)
+        return load_model(config.model, config.hardware, frozen=stage.adapter.kind != "full")
+    return hold_in_precision(load_stage_output(config, build_dir, stage.start), config.hardware,
+                             trains_whole=stage.adapter.kind == "full")
 
 
 def load_trainable(model: torch.nn.Module, tensors: dict, folder: Path) -> None:

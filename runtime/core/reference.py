@@ -18,7 +18,7 @@ from torch import nn
 
 from runtime.contract.config import StageSpec
 from runtime.core.losses import TokenLoss
-from runtime.core.model import load_model
+from runtime.core.model import hold_in_precision, load_model
 from runtime.core.outputs import load_stage_output
 from runtime.core.run import Run
 
@@ -30,9 +30,10 @@ def frozen_model(run: Run, name: str) -> nn.Module:
     stage = next((s for s in run.config.stages if s.name == name), None)
     if name == "base" or stage is None:
         torch.manual_seed(run.config.seed)
-        model = load_model(run.config.model, run.config.hardware)
+        model = load_model(run.config.model, run.config.hardware, frozen=True)
     else:
-        model = load_stage_output(run.config, run.build_dir, name)
+        model = hold_in_precision(load_stage_output(run.config, run.build_dir, name), run.config.hardware,
+                                  trains_whole=False)
     model.requires_grad_(False)
     return model.eval().to(run.device)
 
@@ -43,7 +44,9 @@ def frozen_reference(run: Run, stage: StageSpec, start: nn.Module) -> nn.Module 
     name = stage.params.get("reference") or stage.start
     if name == stage.start and stage.adapter.kind in SHARES_WEIGHTS:
         return None
-    reference = copy.deepcopy(start) if name == stage.start else frozen_model(run, name)
+    if name != stage.start:
+        return frozen_model(run, name)
+    reference = hold_in_precision(copy.deepcopy(start), run.config.hardware, trains_whole=False)
     reference.requires_grad_(False)
     return reference.eval()
 

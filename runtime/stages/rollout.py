@@ -15,7 +15,7 @@ from torch import nn
 
 from runtime.contract.config import StageSpec
 from runtime.core.data import IGNORE_INDEX, TrainRow, collate_rows, read_training_rows
-from runtime.core.distributed import Dist
+from runtime.core.distributed import Dist, autocast
 from runtime.core.loop import StageLog, checkpoint_if_due, resume
 from runtime.core.run import Run
 
@@ -119,7 +119,10 @@ class Driven:
 def drive(run: Run, index: int, stage: StageSpec, online: OnlineStage) -> Driven:
     """Resume, train `online` step by step with the shared log and checkpoints, and measure the
     held-out sample before and after (rank 0). `policy_loss` is what the log shows as the loss."""
-    before = online.heldout() if run.d.is_main else None
+    # Under bf16/fp16 the frozen weights are half precision and the trainable ones fp32 masters:
+    # sampling, scoring and updates all compute under autocast, as the shared loop's do.
+    with autocast(run.config, run.device):
+        before = online.heldout() if run.d.is_main else None
     start = resume(run, index, stage, online.steps, online)
     log = StageLog(run, index, stage, online.steps, start)
     step = start.step
@@ -129,7 +132,8 @@ def drive(run: Run, index: int, stage: StageSpec, online: OnlineStage) -> Driven
     while step < online.steps:
         # The update shuffle is seeded by the step, so a resumed run repeats it exactly.
         generator = torch.Generator().manual_seed(run.config.seed * 1_000_003 + step)
-        result = online.step(step, generator)
+        with autocast(run.config, run.device):
+            result = online.step(step, generator)
         step += 1
         window_steps += 1
         window_tokens += result.tokens
@@ -147,6 +151,7 @@ def drive(run: Run, index: int, stage: StageSpec, online: OnlineStage) -> Driven
     wall_s = log.close()
     heldout = None
     if run.d.is_main:
-        heldout = {"before": before, "after": online.heldout()}
+        with autocast(run.config, run.device):
+            heldout = {"before": before, "after": online.heldout()}
         run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")
     return Driven(log, wall_s, heldout)
