@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from runtime.contract.artifacts import MetricsRecord, Plan, StageReport, dumps, read_plan
-from runtime.contract.config import IncompatibleBuildError, RuntimeConfig, StageSpec
+from runtime.contract.config import IncompatibleBuildError, RuntimeConfig, StageSpec, uses_deepspeed
 from runtime.contract.layout import METRICS_FILE, PLAN_JSON
 from runtime.contract.steps import rollout_steps_per_epoch, steps_per_epoch, total_steps
 from runtime.core.backend import make_backend
@@ -34,6 +34,7 @@ from runtime.core.host_memory import current_rss_gib, peak_rss_gib
 from runtime.core.model import count_parameters
 from runtime.core.objective import Objective
 from runtime.core.packing import training_items
+from runtime.core.probe import run_probe
 from runtime.core.run import Run
 from runtime.core.trackers import open_trackers, scalars_of
 
@@ -156,6 +157,25 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def planned_memory(run: Run, stage: StageSpec) -> tuple[dict[str, float] | None, float | None]:
+    """The plan's memory breakdown and peak (GiB per device) for `stage`, when it has them."""
+    planned = read_plan(run.build_dir / PLAN_JSON).stage(stage.name)
+    if planned is None or planned.memory is None:
+        return None, None
+    return dict(planned.memory.breakdown_gib), planned.memory.peak_gib
+
+
+def probe_longest_batch(run: Run, stage: StageSpec, objective: Objective, steps: int, per_epoch: int) -> float | None:
+    """The peak of one pass over the longest micro-batch of every epoch the stage will run (None
+    under DeepSpeed, see runtime.core.probe); raises ProbeOutOfMemory when it does not fit."""
+    if uses_deepspeed(run.config.hardware):
+        return None
+    epochs = -(-steps // per_epoch)
+    groups = [group for epoch in range(epochs)
+              for group in epoch_groups(objective.rows, stage, run.config.seed, epoch, run.d)]
+    return run_probe(run, stage, objective, groups, lambda: planned_memory(run, stage))
 
 
 def planned_tokens_per_s(run: Run, stage: StageSpec) -> float | None:
@@ -293,6 +313,8 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
     if per_epoch == 0:
         raise RuntimeError(f'stage "{stage.name}": {len(rows)} training rows make no batch for {d.world} processes')
     steps = stage_steps(stage, len(rows), d.world)
+    # before the backend wraps the model: the probe's gradients must not reach DDP or the optimizer
+    probe_peak = probe_longest_batch(run, stage, objective, steps, per_epoch)
     backend = make_backend(run, stage, model, objective.loss, steps)
     start = resume(run, index, stage, steps, backend)
     log = StageLog(run, index, stage, steps, start)
@@ -336,7 +358,7 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
         checkpoint_if_due(run, index, stage, log, backend, step, epoch=next_epoch, batch=next_group * stage.grad_accum)
     wall_s = log.close()
     trained = backend.trained_model()
-    extra = {}
+    extra = {"probe_peak_gib": probe_peak}
     if objective.heldout is not None and d.is_main:
         extra["heldout"] = heldout = objective.heldout()
         run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")
