@@ -168,13 +168,13 @@ def planned_memory(run: Run, stage: StageSpec) -> tuple[dict[str, float] | None,
 
 
 def probe_longest_batch(run: Run, stage: StageSpec, objective: Objective, steps: int, per_epoch: int) -> float | None:
-    """The peak of one pass over the longest micro-batch of every epoch the stage will run (None
+    """The peak of one pass over the longest micro-batch of the steps the stage will run (None
     under DeepSpeed, see runtime.core.probe); raises ProbeOutOfMemory when it does not fit."""
     if uses_deepspeed(run.config.hardware):
         return None
     epochs = -(-steps // per_epoch)
     groups = [group for epoch in range(epochs)
-              for group in epoch_groups(objective.rows, stage, run.config.seed, epoch, run.d)]
+              for group in epoch_groups(objective.rows, stage, run.config.seed, epoch, run.d)][:steps]
     return run_probe(run, stage, objective, groups, lambda: planned_memory(run, stage))
 
 
