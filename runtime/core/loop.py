@@ -28,13 +28,13 @@ from runtime.contract.steps import rollout_steps_per_epoch, steps_per_epoch, tot
 from runtime.core.backend import make_backend
 from runtime.core.checkpoint import Checkpointable, CheckpointError, TrainState, load_rng_state, save_checkpoint
 from runtime.core.data import length_grouped_batches
-from runtime.core.distributed import Dist, all_ranks_sum, autocast, peak_memory_gib
+from runtime.core.distributed import Dist, all_ranks_sum, any_rank, autocast, peak_memory_gib
 from runtime.core.evaluation import HeldoutLoss
 from runtime.core.host_memory import current_rss_gib, peak_rss_gib
 from runtime.core.model import count_parameters
 from runtime.core.objective import Objective
 from runtime.core.packing import training_items
-from runtime.core.probe import run_probe
+from runtime.core.probe import ProbeOutOfMemory, run_probe
 from runtime.core.run import Run
 from runtime.core.trackers import open_trackers, scalars_of
 
@@ -175,7 +175,15 @@ def probe_longest_batch(run: Run, stage: StageSpec, objective: Objective, steps:
     epochs = -(-steps // per_epoch)
     groups = [group for epoch in range(epochs)
               for group in epoch_groups(objective.rows, stage, run.config.seed, epoch, run.d)][:steps]
-    return run_probe(run, stage, objective, groups, lambda: planned_memory(run, stage))
+    try:
+        peak, failed = run_probe(run, stage, objective, groups, lambda: planned_memory(run, stage)), None
+    except ProbeOutOfMemory as exc:
+        peak, failed = None, exc
+    # every rank stops together: one that went on alone would wait for the others forever
+    if any_rank(failed is not None, run.d, run.device):
+        raise failed or ProbeOutOfMemory(f'stage "{stage.name}": another process\'s longest micro-batch ran out '
+                                         "of memory before the first step (its error is in its log)")
+    return peak
 
 
 def planned_tokens_per_s(run: Run, stage: StageSpec) -> float | None:
