@@ -5,7 +5,9 @@ with what the plan predicted.
     .venv/bin/python benchmarks/plan_fidelity.py [--steps N] [--set KEY=VALUE ...] [--case NAME ...]
 
 `--steps N` trains N steps of each case (train.max_steps; the plan is compiled for them too);
-`--set` is passed to every compile. Training is `python -m runtime.train BUILD` (no eval). The
+`--set` is passed to every compile. The plan's peak is that of the longest example's batch; a
+short run may not meet it (the SmolLM2 example's first 4 steps peak at a third of it), so memory
+is compared on full runs. Training is `python -m runtime.train BUILD` (no eval). The
 target is every ratio (actual / planned) within 0.8-1.25 on idle cores; on a shared machine the
 time ratios move with the load, and the hardware file's figures should come from
 `recipe hardware probe` run under the same conditions.
