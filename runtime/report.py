@@ -163,6 +163,8 @@ def _stage_entry(name: str, plan_stage: PlanStage | None, report: StageReport | 
         start_step=report.start_step if report is not None and report.start_step is not None
         else (0 if report is not None else None),
         peak_memory_gib=MemoryComparison(**_compare(planned_peak, peak).model_dump(), measured=basis),
+        **({"probe_peak_gib": _compare(planned_peak, report.probe_peak_gib)}
+           if report is not None and report.probe_peak_gib is not None else {}),
         wall_s=_compare(planned_wall, report.wall_s if report is not None else None),
         tokens_per_s=_compare(planned_rate, actual_rate, 1),
         steps=_compare(plan_stage.steps if plan_stage is not None else None,
@@ -296,6 +298,8 @@ def _stage_markdown(stage: RunStage) -> Iterable[str]:
         ("parameters", stage.params_total, ","),
         ("trainable parameters", stage.params_trainable, ","),
     ]
+    if stage.probe_peak_gib is not None:
+        rows.insert(1, ("longest micro-batch before the first step, GiB", stage.probe_peak_gib, ".3f"))
     yield "| quantity | planned | actual | actual/planned |"
     yield "|---|---:|---:|---:|"
     for label, entry, spec in rows:

@@ -41,6 +41,7 @@ from runtime.core.host_memory import return_freed_blocks_to_system
 from runtime.core.loop import check_planned_steps
 from runtime.core.model import ModelLoadError, hold_in_precision
 from runtime.core.outputs import finish_stage, finished_report, merged, starting_model
+from runtime.core.probe import ProbeOutOfMemory
 from runtime.core.run import Run
 from runtime.report import write_run_report
 from runtime.stages import STAGES
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _run_lock(args.build_dir, d):
             train(config, args.build_dir, d)
-    except (CheckpointError, ModelLoadError, IncompatibleBuildError) as exc:
+    except (CheckpointError, ModelLoadError, IncompatibleBuildError, ProbeOutOfMemory) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a model, report or log that found no space; other errors are bugs

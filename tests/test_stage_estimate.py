@@ -9,7 +9,15 @@ import pytest
 
 from compiler.emission.build import compile_recipe
 from compiler.estimation.catalog import ModelFacts
-from compiler.estimation.estimate import GIB, ActivationCoefficients, TrainSetup, train_memory, wall_seconds
+from compiler.estimation.estimate import (
+    GIB,
+    ActivationCoefficients,
+    TrainSetup,
+    optimizer_step_seconds,
+    step_overhead_seconds,
+    train_memory,
+    wall_seconds,
+)
 from compiler.estimation.params import architecture
 from tests.conftest import write_json_recipe
 
@@ -59,6 +67,29 @@ def test_frozen_models_and_sharding() -> None:
 def test_wall_time_at_an_mfu() -> None:
     # 6e15 FLOP on 2 devices of 100 TFLOP/s at 50% utilisation: 6e15 / (2 x 1e14 x 0.5) = 60 s
     assert wall_seconds(6 * 10**15, devices=2, peak_tflops=100.0, mfu=0.5) == pytest.approx(60.0)
+
+
+def test_an_optimizer_step_moves_weights_gradients_and_state_at_the_memory_bandwidth() -> None:
+    # AdamW, 1e9 parameters: read weight and gradient, write the weight (12 B), read and write two
+    # fp32 moments (2 x 8 B): 28e9 bytes at 20 GB/s = 1.4 s
+    assert optimizer_step_seconds(10**9, "adamw", bandwidth_gb_per_s=20) == pytest.approx(1.4)
+    # SGD's one momentum buffer: 12 + 2 x 4 = 20 B per parameter
+    assert optimizer_step_seconds(10**9, "sgd", bandwidth_gb_per_s=20) == pytest.approx(1.0)
+    assert optimizer_step_seconds(10**9, "adamw", bandwidth_gb_per_s=0) == 0.0  # no figure: not counted
+
+
+def test_per_step_overheads_add_a_fixed_cost_per_micro_batch_and_an_optimizer_step_per_step() -> None:
+    # 100 steps of 4 micro-batches at 10 ms each, plus a 5 ms optimizer step: 100 x (0.04 + 0.005)
+    assert step_overhead_seconds(steps=100, micro_batches_per_step=4, micro_batch_overhead_s=0.01,
+                                 optimizer_step_s=0.005) == pytest.approx(4.5)
+
+
+def test_the_process_overhead_is_the_hardware_files_figure_on_any_device() -> None:
+    base = train_memory(TINY, _setup())
+    held = train_memory(TINY, _setup(process_overhead_bytes=GIB // 2))
+    assert base.overhead_bytes == 0 and held.overhead_bytes == GIB // 2
+    assert held.peak_bytes == base.peak_bytes + GIB // 2
+    assert train_memory(TINY, _setup(device="cuda")).overhead_bytes == 768 * 1024**2  # the CUDA default
 
 
 def _pretrained(tmp_path: Path, adapter: dict, gpu: str, **hardware) -> dict:

@@ -12,7 +12,7 @@ import argparse
 import sys
 import traceback
 
-from compiler.cli import authoring, building, data, running
+from compiler.cli import authoring, building, data, hardware, running
 from compiler.cli.common import EXIT_BUG, EXIT_USER, SET_HELP
 from compiler.diagnostics import RecipeError, render_all
 
@@ -97,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--split", choices=["train", "heldout"], default="train")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     c.set_defaults(func=data.cmd_inspect_data)
+
+    p = sub.add_parser("hardware", help="hardware tools")
+    hardware_sub = p.add_subparsers(dest="hardware_command", required=True, metavar="SUBCOMMAND")
+    c = hardware_sub.add_parser("probe", help="time matmuls, memory bandwidth and tiny training steps; write a "
+                                              "hardware file (the schema of specs/hardware)")
+    c.add_argument("--out", metavar="FILE", help="write the file here (default: stdout), e.g. specs/hardware/cpu.toml")
+    c.add_argument("--device", choices=["cpu", "cuda"], help="the device to measure (default: cuda when present)")
+    c.add_argument("--name", help="the file's name field (default: the device)")
+    c.add_argument("--usd-per-hour", type=float, default=0.10, help="price per device-hour to record")
+    c.set_defaults(func=hardware.cmd_hardware_probe)
 
     p = sub.add_parser("fetch", help="download and cache pinned assets (default: all)")
     p.add_argument("names", nargs="*", metavar="ASSET")

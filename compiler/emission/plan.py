@@ -71,6 +71,7 @@ def build_plan(
                     "peak_tflops": est.device.peak_tflops,
                     "mfu": est.device.mfu,
                     "wall_s": round(est.wall_s, 1) if est.wall_s is not None else None,
+                    "overhead_s": round(est.overhead_s, 1),
                     "gpu_hours": round(est.gpu_hours, 3) if est.gpu_hours is not None else None,
                     "cost_usd": round(est.cost_usd, 2) if est.cost_usd is not None else None,
                 },

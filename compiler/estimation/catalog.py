@@ -165,6 +165,13 @@ class Accelerator:
     bf16_supported: bool
     usd_per_hour: float
     mfu: float = 0.40
+    memory_bandwidth_gb_per_s: float = 0.0
+    # what a process holds besides the training step (the CUDA context, or on CPU the interpreter,
+    # torch, the tokenizer and the data); None: the estimator's CUDA default on a GPU
+    process_overhead_gib: float | None = None
+    # fixed time per micro-batch, and per block in it, beside the FLOPs (`recipe hardware probe`)
+    step_overhead_s: float = 0.0
+    layer_overhead_s: float = 0.0
 
 
 @cache
@@ -174,7 +181,13 @@ def hardware_catalog() -> dict[str, Path]:
 
 @cache
 def load_accelerator(name: str) -> Accelerator:
-    raw = tomllib.loads(hardware_catalog()[name].read_text(encoding="utf-8"))
+    """The catalog entry `name` (a file stem under specs/hardware)."""
+    return accelerator_from_file(hardware_catalog()[name])
+
+
+def accelerator_from_file(path: Path) -> Accelerator:
+    """A hardware file's figures (specs/hardware/*.toml, or one `recipe hardware probe` wrote)."""
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
     return Accelerator(
         name=raw["name"],
         memory_gib=float(raw["memory_gib"]),
@@ -182,6 +195,10 @@ def load_accelerator(name: str) -> Accelerator:
         bf16_supported=bool(raw.get("bf16_supported", True)),
         usd_per_hour=float(raw["usd_per_hour"]),
         mfu=float(raw.get("mfu", 0.40)),
+        memory_bandwidth_gb_per_s=float(raw.get("memory_bandwidth_gb_per_s", 0.0)),
+        process_overhead_gib=float(raw["process_overhead_gib"]) if "process_overhead_gib" in raw else None,
+        step_overhead_s=float(raw.get("step_overhead_s", 0.0)),
+        layer_overhead_s=float(raw.get("layer_overhead_s", 0.0)),
     )
 
 

@@ -94,7 +94,8 @@ AUTOCAST_WEIGHT_COPY_BYTES = 2
 # ceil(head_dim / 2) values each, once per model.
 _ROTARY_BUFFERS = 2
 # CUDA context plus allocator slack; measured figures vary by driver (300-900 MiB on recent GPUs).
-_CUDA_OVERHEAD_BYTES = 768 * 1024**2
+# The default of a GPU whose hardware file gives no `process_overhead_gib`.
+CUDA_OVERHEAD_BYTES = 768 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,10 @@ class TrainSetup:
     # per block, the summed input width of the LoRA-wrapped layers whose adapter applies dropout
     lora_dropout_inputs: int = 0
     coefficients: dict[str, ActivationCoefficients] = field(default_factory=dict)  # by key (coefficient_keys)
+    # what the device holds besides the step: the CUDA context on a GPU; on CPU the interpreter,
+    # torch, the tokenizer and the data (the hardware file's process_overhead_gib). None: the CUDA
+    # default on cuda, nothing on cpu
+    process_overhead_bytes: int | None = None
 
 
 def half_precision_weights(st: TrainSetup) -> bool:
@@ -269,7 +274,8 @@ def train_memory(a: Architecture, setup: TrainSetup) -> MemoryEstimate:
     loss_width = 4 if fp32_values else working
     per_logit = working_values * working + fp32_values * 4 + final_softcap_bytes_per_logit(a.attention, loss_width)
     logits = st.micro_batch_size * st.sequences_per_example * st.supervised_per_example * a.vocab_size * per_logit
-    overhead = _CUDA_OVERHEAD_BYTES if st.device == "cuda" else 0
+    overhead = st.process_overhead_bytes if st.process_overhead_bytes is not None \
+        else (CUDA_OVERHEAD_BYTES if st.device == "cuda" else 0)
     held_gradients = gradients if st.grad_accum > 1 or st.optimizer_in_backward else 0
     forward_end = activations + logits + held_gradients
     backward_end = gradients
@@ -409,3 +415,27 @@ def forward_flops(a: Architecture, non_embedding_parameters: int, *, tokens: int
 def wall_seconds(flops: int, *, devices: int, peak_tflops: float, mfu: float) -> float:
     """Time at a model-FLOPs utilisation `mfu` of the devices' dense peak (nanoGPT's estimate_mfu)."""
     return flops / (devices * peak_tflops * 1e12 * mfu)
+
+
+# Bytes one optimizer step moves per trainable parameter, beyond its state (_OPTIMIZER_BYTES):
+# it reads the fp32 weight and its gradient and writes the weight back (4 + 4 + 4), and reads and
+# writes each state value once (2 x the state's bytes). AdamW in fp32: 12 + 2 x 8 = 28 bytes.
+_STEP_BYTES_PER_WEIGHT = 12
+
+
+def optimizer_step_seconds(trainable_parameters: int, optimizer: str, *, bandwidth_gb_per_s: float) -> float:
+    """One optimizer step's time: an elementwise pass over weights, gradients and state, bound by
+    memory bandwidth (its FLOPs are a few per parameter, negligible beside the bytes)."""
+    if bandwidth_gb_per_s <= 0:
+        return 0.0
+    state = 0 if optimizer == "adafactor" else _OPTIMIZER_BYTES.get(optimizer, 8)
+    return trainable_parameters * (_STEP_BYTES_PER_WEIGHT + 2 * state) / (bandwidth_gb_per_s * 1e9)
+
+
+def step_overhead_seconds(*, steps: int, micro_batches_per_step: int, micro_batch_overhead_s: float,
+                          optimizer_step_s: float) -> float:
+    """What a stage spends besides its FLOPs: a fixed cost per micro-batch (collating, Python,
+    kernel launches: the hardware file's step_overhead_s plus layer_overhead_s per block, measured
+    by `recipe hardware probe` on steps too small for their FLOPs to matter) and the optimizer
+    step after each accumulation."""
+    return steps * (micro_batches_per_step * micro_batch_overhead_s + optimizer_step_s)

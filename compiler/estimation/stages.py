@@ -16,6 +16,8 @@ from compiler.estimation.estimate import (
     MemoryEstimate,
     TrainSetup,
     forward_flops,
+    optimizer_step_seconds,
+    step_overhead_seconds,
     train_flops,
     train_memory,
     wall_seconds,
@@ -57,6 +59,10 @@ class DeviceFacts:
     peak_tflops: float
     mfu: float
     usd_per_hour: float
+    memory_bandwidth_gb_per_s: float = 0.0
+    process_overhead_gib: float | None = None
+    step_overhead_s: float = 0.0
+    layer_overhead_s: float = 0.0
 
 
 def device_facts(recipe: Recipe) -> DeviceFacts:
@@ -73,6 +79,10 @@ def device_facts(recipe: Recipe) -> DeviceFacts:
         peak_tflops=peak,
         mfu=hw.mfu or (acc.mfu if acc else 0.40),
         usd_per_hour=hw.usd_per_hour if hw.usd_per_hour is not None else (acc.usd_per_hour if acc else 0.0),
+        memory_bandwidth_gb_per_s=acc.memory_bandwidth_gb_per_s if acc else 0.0,
+        process_overhead_gib=acc.process_overhead_gib if acc else None,
+        step_overhead_s=acc.step_overhead_s if acc else 0.0,
+        layer_overhead_s=acc.layer_overhead_s if acc else 0.0,
     )
 
 
@@ -100,6 +110,7 @@ class StageEstimate:
     gpu_hours: float | None
     cost_usd: float | None
     suggestions: tuple[Suggestion, ...] = ()
+    overhead_s: float = 0.0  # the part of wall_s besides the FLOPs: per-micro-batch costs and optimizer steps
 
 
 def trainable_parameters(arch: Architecture, adapter) -> int:
@@ -138,6 +149,7 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
     vision = (total.vision,) if total.vision else ()
     # LoRA and prefix tuning add their weights to the base; freeze trains a share of it
     added = trainable if isinstance(adapter, (LoraAdapter, PrefixAdapter)) else 0
+    device = device_facts(recipe)
     setup = TrainSetup(
         total_parameters=total.text + added, trainable_parameters=trainable, micro_batch_size=t.micro_batch_size,
         seq_len=max_total_tokens,
@@ -150,22 +162,31 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
         offload_params=hw.offload_params, gradient_checkpointing=hw.gradient_checkpointing, attention=hw.attention,
         grad_accum=t.grad_accum, dropout=dropout, sequences_per_example=sequences,
         frozen_model_parameters=vision + _frozen_models(stage, adapter, total.total), coefficients=_coefficients(family),
+        process_overhead_bytes=_process_overhead_bytes(device),
     )
     memory = train_memory(arch, setup)
     # A mixture of experts computes with the experts its router picks: FLOPs from active parameters.
     active_non_embedding = active_parameters(arch) - total.embedding
     flops = _stage_flops(arch, stage, active_non_embedding, min(1.0, trainable / total.text), tokens * sequences,
                          supervised * sequences, mean_seq_len)
-    device = device_facts(recipe)
     fits = None if device.memory_gib is None else memory.peak_bytes <= device.memory_gib * GIB
-    wall = wall_seconds(flops, devices=world, peak_tflops=device.peak_tflops, mfu=device.mfu) if device.peak_tflops else None
+    per_micro_batch_s = device.step_overhead_s + arch.layers * device.layer_overhead_s
+    optimizer_s = optimizer_step_seconds(trainable, t.optimizer, bandwidth_gb_per_s=device.memory_bandwidth_gb_per_s)
+    overhead = step_overhead_seconds(steps=steps, micro_batches_per_step=t.grad_accum,
+                                     micro_batch_overhead_s=per_micro_batch_s, optimizer_step_s=optimizer_s)
+    wall = wall_seconds(flops, devices=world, peak_tflops=device.peak_tflops, mfu=device.mfu) + overhead \
+        if device.peak_tflops else None
     device_hours = wall * world / 3600 if wall is not None else None
     gpu_hours = device_hours if device.kind == "cuda" else (0.0 if wall is not None else None)
     cost = device_hours * device.usd_per_hour if device_hours is not None else None
     suggestions = () if fits in (True, None) else _suggestions(arch, setup, t, device, adapter)
     return StageEstimate(trainable_parameters=trainable, total_parameters=total.total, steps=steps, tokens=tokens,
                          flops=flops, memory=memory, device=device, fits=fits, wall_s=wall, gpu_hours=gpu_hours,
-                         cost_usd=cost, suggestions=suggestions)
+                         cost_usd=cost, suggestions=suggestions, overhead_s=overhead if wall is not None else 0.0)
+
+
+def _process_overhead_bytes(device: DeviceFacts) -> int | None:
+    return int(device.process_overhead_gib * GIB) if device.process_overhead_gib is not None else None
 
 
 def _frozen_models(stage: Stage, adapter, total: int) -> tuple[int, ...]:

@@ -64,6 +64,7 @@ class PlanParams(_Read):
 
 class PlanMemory(_Read):
     peak_gib: float | None = None  # per device
+    breakdown_gib: dict[str, float] = {}  # by category (weights, gradients, optimizer, activations, ...)
 
 
 class PlanCompute(_Read):
@@ -216,6 +217,8 @@ class StageReport(_Written):
     tokens_per_s: float | None = None
     peak_memory_gib: float | None = None
     peak_rss_gib: float | None = None
+    # the longest micro-batch's forward and backward before the first step (runtime.core.probe)
+    probe_peak_gib: float | None = None
     first_loss: float | None = None
     final_loss: float | None = None
     examples: int | None = None
@@ -341,6 +344,7 @@ class RunStage(_Written):
     wall_s: Comparison
     tokens_per_s: Comparison
     steps: Comparison
+    probe_peak_gib: Comparison | None = None  # the plan's peak against the longest micro-batch's
     tokens: Comparison
     train_examples: Comparison
     params_total: Comparison

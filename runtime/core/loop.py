@@ -22,19 +22,20 @@ from typing import Any, Sequence
 from torch import nn
 
 from runtime.contract.artifacts import MetricsRecord, Plan, StageReport, dumps, read_plan
-from runtime.contract.config import IncompatibleBuildError, RuntimeConfig, StageSpec
+from runtime.contract.config import IncompatibleBuildError, RuntimeConfig, StageSpec, uses_deepspeed
 from runtime.contract.layout import METRICS_FILE, PLAN_JSON
 from runtime.contract.steps import rollout_steps_per_epoch, steps_per_epoch, total_steps
 from runtime.core.backend import make_backend
 from runtime.core.best_weights import load_best_weights, save_best_weights
 from runtime.core.checkpoint import Checkpointable, CheckpointError, TrainState, load_rng_state, save_checkpoint
 from runtime.core.data import length_grouped_batches
-from runtime.core.distributed import Dist, all_ranks_sum, autocast, peak_memory_gib
+from runtime.core.distributed import Dist, all_ranks_sum, any_rank, autocast, peak_memory_gib
 from runtime.core.evaluation import HeldoutLoss
 from runtime.core.host_memory import current_rss_gib, peak_rss_gib
 from runtime.core.model import count_parameters
 from runtime.core.objective import Objective
 from runtime.core.packing import training_items
+from runtime.core.probe import ProbeOutOfMemory, run_probe
 from runtime.core.run import Run
 from runtime.core.trackers import open_trackers, scalars_of
 
@@ -159,6 +160,33 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def planned_memory(run: Run, stage: StageSpec) -> tuple[dict[str, float] | None, float | None]:
+    """The plan's memory breakdown and peak (GiB per device) for `stage`, when it has them."""
+    planned = read_plan(run.build_dir / PLAN_JSON).stage(stage.name)
+    if planned is None or planned.memory is None:
+        return None, None
+    return dict(planned.memory.breakdown_gib), planned.memory.peak_gib
+
+
+def probe_longest_batch(run: Run, stage: StageSpec, objective: Objective, steps: int, per_epoch: int) -> float | None:
+    """The peak of one pass over the longest micro-batch of the steps the stage will run (None
+    under DeepSpeed, see runtime.core.probe); raises ProbeOutOfMemory when it does not fit."""
+    if uses_deepspeed(run.config.hardware):
+        return None
+    epochs = -(-steps // per_epoch)
+    groups = [group for epoch in range(epochs)
+              for group in epoch_groups(objective.rows, stage, run.config.seed, epoch, run.d)][:steps]
+    try:
+        peak, failed = run_probe(run, stage, objective, groups, lambda: planned_memory(run, stage)), None
+    except ProbeOutOfMemory as exc:
+        peak, failed = None, exc
+    # every rank stops together: one that went on alone would wait for the others forever
+    if any_rank(failed is not None, run.d, run.device):
+        raise failed or ProbeOutOfMemory(f'stage "{stage.name}": another process\'s longest micro-batch ran out '
+                                         "of memory before the first step (its error is in its log)")
+    return peak
 
 
 def planned_tokens_per_s(run: Run, stage: StageSpec) -> float | None:
@@ -317,6 +345,8 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
     if per_epoch == 0:
         raise RuntimeError(f'stage "{stage.name}": {len(rows)} training rows make no batch for {d.world} processes')
     steps = stage_steps(stage, len(rows), d.world)
+    # before the backend wraps the model: the probe's gradients must not reach DDP or the optimizer
+    probe_peak = probe_longest_batch(run, stage, objective, steps, per_epoch)
     backend = make_backend(run, stage, model, objective.loss, steps)
     start = resume(run, index, stage, steps, backend)
     log = StageLog(run, index, stage, steps, start)
@@ -368,7 +398,7 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
         checkpoint_if_due(run, index, stage, log, backend, step, epoch=next_epoch, batch=next_group * stage.grad_accum,
                           evaluations=evaluation.history)
     wall_s = log.close()
-    extra = {}
+    extra = {"probe_peak_gib": probe_peak}
     if stopped is not None:
         extra.update(stopped_at_step=stopped.step, stop_reason=stopped.reason)
     if stage.save_best and evaluation.best() is not None:
