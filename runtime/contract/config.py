@@ -22,6 +22,12 @@ from runtime.contract.packing import PACKED_KINDS
 # Bump on any change a runtime of the previous version would misread.
 SCHEMA_VERSION = 2
 RUNTIME_CONFIG_FILE = "runtime.json"
+# Supervised positions whose vocabulary logits `cross_entropy = "chunked"` computes at a time; the
+# plan prices one chunk of them (runtime.core.cross_entropy).
+LOSS_CHUNK_POSITIONS = 1024
+# The stage kinds whose loss is the plain sum of token losses, which is all Liger's fused
+# cross-entropy returns; dpo, ppo and grpo weight each token's log-probability differently.
+FUSED_LOSS_KINDS = ("pretrain", "sft")
 
 
 class IncompatibleBuildError(Exception):
@@ -117,6 +123,8 @@ class StageSpec(_Frozen):
     keep_checkpoints: int
     length_grouping: bool
     packing: bool
+    cross_entropy: Literal["chunked", "full", "fused"]  # how the LM head meets the loss (runtime.core.cross_entropy)
+    compile: bool  # torch.compile each decoder block
     report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...]  # experiment trackers, rank 0 logs
     params: dict[str, Any] = Field(default_factory=dict)  # kind-specific (beta, kl_coef, ...)
 
@@ -192,6 +200,7 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         elif stage.packing and stage.adapter.kind == "prefix":
             out.append(f"{where} asks for packing with a prefix adapter, whose virtual tokens would be shared by "
                        'every sequence of a row (set packing = false, or adapter kind = "lora")')
+        out += _cross_entropy_refusals(where, stage, hw)
         if stage.kind == "ppo" and stage.eval_every_steps:
             out.append(f"{where} is ppo, whose held-out measure is the reward of sampled completions, reported "
                        "before and after the stage; eval_every_steps is for stages with a held-out loss (remove it)")
@@ -203,6 +212,24 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         if not data.tokenized:
             out.append(f'data set "{stage.data}" was not tokenized at compile time (the tokenizer was not available)')
     return out
+
+
+def _cross_entropy_refusals(where: str, stage: StageSpec, hw: HardwareSpec) -> list[str]:
+    """Why a stage's `cross_entropy = "fused"` cannot run here (empty when it can, or is not asked for)."""
+    if stage.cross_entropy != "fused":
+        return []
+    if stage.kind == "reward":
+        return [f'{where} is a reward model, whose scalar head has no vocabulary logits; remove cross_entropy = "fused"']
+    if stage.kind not in FUSED_LOSS_KINDS:
+        return [f'{where} is {stage.kind} with cross_entropy = "fused", whose kernel returns only the summed loss; '
+                f'{stage.kind} needs each token\'s log-probability (use cross_entropy = "chunked")']
+    if hw.device != "cuda":
+        return [f'{where} asks for cross_entropy = "fused", Liger\'s Triton kernel, which needs hardware.device = '
+                '"cuda" (use cross_entropy = "chunked")']
+    if importlib.util.find_spec("liger_kernel") is None:
+        return [f'{where} asks for cross_entropy = "fused", which needs liger-kernel; install the liger extra '
+                '(pip install \'recipe[liger]\') or use cross_entropy = "chunked"']
+    return []
 
 
 # The module each experiment tracker (`report_to`) needs; installed by the extra of the same name.

@@ -11,9 +11,10 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from runtime.contract.config import LOSS_CHUNK_POSITIONS
+from runtime.core.cross_entropy import token_cross_entropy
 from runtime.core.data import IGNORE_INDEX
 from runtime.core.model import hf_model
 
@@ -28,14 +29,18 @@ class TokenLoss(nn.Module):
 
     The LM head (hidden x vocab, by far the largest matmul for small models) is applied only to
     the hidden states whose next token is supervised, instead of to every position: for a
-    one-token label that is 1 row per example instead of ~50. Prefix tuning's trained key/value
-    prefixes are passed to the decoder as its past, exactly as peft's own forward does."""
+    one-token label that is 1 row per example instead of ~50; `cross_entropy` says how the head
+    and the loss meet (runtime.core.cross_entropy: in chunks by default). Prefix tuning's trained
+    key/value prefixes are passed to the decoder as its past, exactly as peft's own forward does."""
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, cross_entropy: str = "chunked"):
         super().__init__()
         self.model = model
         self.temperature = temperature  # logits are divided by it (PPO scores samples as they were drawn)
+        self.cross_entropy = cross_entropy
+        self.chunk_positions = LOSS_CHUNK_POSITIONS
         inner = hf_model(model)
+        self.softcap = getattr(inner.config, "final_logit_softcapping", None)  # Gemma-2: cap * tanh(logits / cap)
         # A tuple, not attributes: registering them as submodules would list every weight twice.
         self._parts = (inner.base_model, inner.get_output_embeddings())
         config = getattr(model, "active_peft_config", None)
@@ -99,10 +104,9 @@ class TokenLoss(nn.Module):
         targets = labels[:, 1:]  # position t predicts token t+1
         supervised = targets != IGNORE_INDEX  # [batch, seq-1]
         selected = hidden[:, :-1][supervised]  # [n_supervised, hidden]
-        logits = head(selected).float()  # [n_supervised, vocab]
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return F.cross_entropy(logits, targets[supervised], reduction="none"), supervised
+        losses = token_cross_entropy(head, selected, targets[supervised], mode=self.cross_entropy,
+                                     softcap=self.softcap, temperature=self.temperature, chunk=self.chunk_positions)
+        return losses, supervised
 
 
 class ScalarHead(nn.Module):
