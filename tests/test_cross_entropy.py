@@ -131,3 +131,31 @@ def test_final_logit_softcapping_matches_transformers_loss() -> None:
     uncapped.softcap = None
     with torch.no_grad():
         assert abs(float(uncapped(**batch)[0] / count) - float(expected)) > 0.1  # the cap changes the loss
+
+
+@pytest.mark.parametrize(("kind", "device", "installed", "reason"), [
+    ("sft", "cpu", True, 'which needs hardware.device = "cuda"'),
+    ("sft", "cuda", False, "pip install 'recipe[liger]'"),
+    ("dpo", "cuda", True, "dpo needs each token's log-probability"),
+    ("reward", "cuda", True, "has no vocabulary logits"),
+    ("sft", "cuda", True, None),
+])
+def test_fused_cross_entropy_is_refused_by_name_where_it_cannot_run(monkeypatch, kind, device, installed,
+                                                                    reason) -> None:
+    import json
+
+    from runtime.contract import config as contract
+    from tests.conftest import REPO
+
+    golden = json.loads((REPO / "tests" / "golden" / "tweet-sentiment" / "runtime.json").read_text())
+    stage = {**golden["stages"][0], "kind": kind, "cross_entropy": "fused"}
+    config = contract.RuntimeConfig.model_validate({**golden, "stages": [stage],
+                                                    "hardware": {**golden["hardware"], "device": device}})
+    real = contract.importlib.util.find_spec
+    monkeypatch.setattr(contract.importlib.util, "find_spec",
+                        lambda name: (real("json") if installed else None) if name == "liger_kernel" else real(name))
+    refused = [line for line in contract.unsupported(config) if "cross_entropy" in line]
+    if reason is None:
+        assert refused == []
+    else:
+        assert len(refused) == 1 and reason in refused[0] and refused[0].startswith('stage "sft"')

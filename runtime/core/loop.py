@@ -31,7 +31,7 @@ from runtime.core.data import length_grouped_batches
 from runtime.core.distributed import Dist, all_ranks_sum, autocast, peak_memory_gib
 from runtime.core.evaluation import HeldoutLoss
 from runtime.core.host_memory import current_rss_gib, peak_rss_gib
-from runtime.core.model import count_parameters
+from runtime.core.model import compile_blocks, count_parameters
 from runtime.core.objective import Objective
 from runtime.core.packing import training_items
 from runtime.core.run import Run
@@ -271,6 +271,36 @@ def stage_report(stage: StageSpec, log: StageLog, wall_s: float, *, examples: in
 
 
 @dataclass
+class StepTimes:
+    """The first step of an attempt apart from the rest: with `train.compile` it includes the
+    compilation, which the steady-state speed must not average in."""
+
+    first_s: float | None = None
+    later_s: float = 0.0
+    later_steps: int = 0
+    later_tokens: int = 0  # this rank's non-pad tokens after the first step
+
+    def add(self, wall_s: float, tokens: int) -> None:
+        if self.first_s is None:
+            self.first_s = wall_s
+        else:
+            self.later_s += wall_s
+            self.later_steps += 1
+            self.later_tokens += tokens
+
+    def report(self, stage: StageSpec, run: Run) -> dict[str, float]:
+        """`steady_tokens_per_s` (all ranks, the steps after the first) and, with compile, `compile_s`:
+        the first step's time beyond a steady step's. Collective."""
+        tokens = all_ranks_sum(self.later_tokens, run.d, run.device)
+        if not self.later_steps:
+            return {}
+        out = {"steady_tokens_per_s": round(tokens / self.later_s, 1)}
+        if stage.compile and self.first_s is not None:
+            out["compile_s"] = round(max(0.0, self.first_s - self.later_s / self.later_steps), 3)
+        return out
+
+
+@dataclass
 class Window:
     """Sums over the micro-batches since the last logged step."""
 
@@ -293,11 +323,13 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
     if per_epoch == 0:
         raise RuntimeError(f'stage "{stage.name}": {len(rows)} training rows make no batch for {d.world} processes')
     steps = stage_steps(stage, len(rows), d.world)
+    if stage.compile:
+        compile_blocks(model)
     backend = make_backend(run, stage, model, objective.loss, steps)
     start = resume(run, index, stage, steps, backend)
     log = StageLog(run, index, stage, steps, start)
     evaluation = HeldoutLoss(stage, objective.heldout_rows, objective.collate)
-    step, window = start.step, Window()
+    step, window, times = start.step, Window(), StepTimes()
     groups_of: dict[int, list[list[list[int]]]] = {}  # the current epoch's step groups
     model.train()
     while step < steps:
@@ -308,6 +340,7 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
                 raise RuntimeError(f"epoch grouping made {len(groups_of[epoch])} steps; "
                                    f"runtime.contract.steps counts {per_epoch}")
         micro_batches = groups_of[epoch][group]
+        step_started, step_tokens = time.perf_counter(), window.tokens
         for k, micro in enumerate(micro_batches):
             batch = objective.collate([rows[j] for j in micro])
             batch = {key: value.to(run.device) for key, value in batch.items()}
@@ -323,6 +356,7 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
             for name, value in (out[2] if len(out) > 2 else {}).items():
                 window.stats[name] = window.stats.get(name, 0.0) + float(value)
         grad_norm = backend.step()
+        times.add(time.perf_counter() - step_started, window.tokens - step_tokens)
         step += 1
         if log.due(step):
             log.record(step, window.tokens, epoch=round(epoch + (group + 1) / per_epoch, 3), **window.means(),
@@ -336,7 +370,7 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
         checkpoint_if_due(run, index, stage, log, backend, step, epoch=next_epoch, batch=next_group * stage.grad_accum)
     wall_s = log.close()
     trained = backend.trained_model()
-    extra = {}
+    extra = times.report(stage, run)
     if objective.heldout is not None and d.is_main:
         extra["heldout"] = heldout = objective.heldout()
         run.log(f"[{stage.name}] held out: {json.dumps(heldout, sort_keys=True)}")
