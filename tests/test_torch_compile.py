@@ -48,3 +48,16 @@ def test_compiled_blocks_train_like_eager_ones_and_report_the_compile_time(tmp_p
     assert compiled_stage["compile_s"] > 1.0
     assert compiled_stage["steady_tokens_per_s"] > 0
     assert "compile_s" not in eager_stage and eager_stage["steady_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_compile_is_refused_by_name_for_the_stages_that_generate(kind: str) -> None:
+    from runtime.contract import config as contract
+
+    golden = json.loads((REPO / "tests" / "golden" / "tweet-sentiment" / "runtime.json").read_text())
+    for compiled, refused in ((True, 1), (False, 0)):
+        stage = {**golden["stages"][0], "kind": kind, "compile": compiled}
+        config = contract.RuntimeConfig.model_validate({**golden, "stages": [stage]})
+        lines = [line for line in contract.unsupported(config) if "compile = true" in line]
+        assert len(lines) == refused
+        assert all(line.startswith(f'stage "sft" is {kind}') and "recompiles" in line for line in lines)

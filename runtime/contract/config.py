@@ -201,6 +201,10 @@ def unsupported(config: RuntimeConfig) -> list[str]:
             out.append(f"{where} asks for packing with a prefix adapter, whose virtual tokens would be shared by "
                        'every sequence of a row (set packing = false, or adapter kind = "lora")')
         out += _cross_entropy_refusals(where, stage, hw)
+        if stage.compile and stage.kind in ("ppo", "grpo"):
+            out.append(f"{where} is {stage.kind} with compile = true: generation feeds the blocks a key/value cache "
+                       "whose state, strides and layer index change with every layer and token, so torch.compile "
+                       "recompiles each block until it gives up (set compile = false for this stage)")
         if stage.kind == "ppo" and stage.eval_every_steps:
             out.append(f"{where} is ppo, whose held-out measure is the reward of sampled completions, reported "
                        "before and after the stage; eval_every_steps is for stages with a held-out loss (remove it)")
