@@ -205,6 +205,10 @@ def unsupported(config: RuntimeConfig) -> list[str]:
             out.append(f"{where} is {stage.kind} with compile = true: generation feeds the blocks a key/value cache "
                        "whose state, strides and layer index change with every layer and token, so torch.compile "
                        "recompiles each block until it gives up (set compile = false for this stage)")
+        elif stage.compile and hw.zero_stage >= 3:
+            out.append(f"{where} asks for compile = true under ZeRO-3, whose hooks gather and release each block's "
+                       "parameters inside the compiled code, which recompiles until torch gives up and runs it eager; "
+                       "set compile = false, or hardware.zero_stage = 2")
         if stage.kind == "ppo" and stage.eval_every_steps:
             out.append(f"{where} is ppo, whose held-out measure is the reward of sampled completions, reported "
                        "before and after the stage; eval_every_steps is for stages with a held-out loss (remove it)")
