@@ -63,12 +63,14 @@ def test_compile_is_refused_by_name_for_the_stages_that_generate(kind: str) -> N
         assert all(line.startswith(f'stage "sft" is {kind}') and "recompiles" in line for line in lines)
 
 
-@pytest.mark.parametrize(("zero", "refused"), [(3, 1), (2, 0), (0, 0)])
-def test_compile_under_zero3_is_refused_by_name(zero: int, refused: int) -> None:
+@pytest.mark.parametrize(("zero", "adapter", "refused"), [(3, "full", "ZeRO-3"), (0, "prefix", "prefix adapter"),
+                                                         (2, "full", None), (0, "lora", None)])
+def test_compile_under_zero3_or_with_prefixes_is_refused_by_name(zero: int, adapter: str, refused: str | None) -> None:
     from runtime.contract import config as contract
 
     golden = json.loads((REPO / "tests" / "golden" / "tweet-sentiment" / "runtime.json").read_text())
-    config = contract.RuntimeConfig.model_validate({**golden, "stages": [{**golden["stages"][0], "compile": True}],
+    stage = {**golden["stages"][0], "compile": True, "adapter": {"kind": adapter, "params": {}}}
+    config = contract.RuntimeConfig.model_validate({**golden, "stages": [stage],
                                                     "hardware": {**golden["hardware"], "zero_stage": zero}})
     lines = [line for line in contract.unsupported(config) if "compile = true" in line]
-    assert len(lines) == refused and all("ZeRO-3" in line for line in lines)
+    assert lines == [] if refused is None else (len(lines) == 1 and refused in lines[0])

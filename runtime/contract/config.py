@@ -205,6 +205,10 @@ def unsupported(config: RuntimeConfig) -> list[str]:
             out.append(f"{where} is {stage.kind} with compile = true: generation feeds the blocks a key/value cache "
                        "whose state, strides and layer index change with every layer and token, so torch.compile "
                        "recompiles each block until it gives up (set compile = false for this stage)")
+        elif stage.compile and stage.adapter.kind == "prefix":
+            out.append(f"{where} asks for compile = true with a prefix adapter, whose prefixes reach the blocks as a "
+                       "key/value cache indexed by layer, so torch.compile recompiles every block (one graph per layer "
+                       "until its limit of 8); set compile = false, or adapter kind = \"lora\"")
         elif stage.compile and hw.zero_stage >= 3:
             out.append(f"{where} asks for compile = true under ZeRO-3, whose hooks gather and release each block's "
                        "parameters inside the compiled code, which recompiles until torch gives up and runs it eager; "
