@@ -49,10 +49,10 @@ def token_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Te
 
     if mode == "fused":
         return fused_cross_entropy(head, hidden, targets, softcap=softcap, temperature=temperature)
+    if mode not in ("chunked", "full"):
+        raise ValueError(f"unknown cross_entropy mode {mode!r}")
     if mode == "full" or hidden.shape[0] <= chunk:
         return losses(hidden, targets)
-    if mode != "chunked":
-        raise ValueError(f"unknown cross_entropy mode {mode!r}")
     return torch.cat([_chunk(losses, h, t) for h, t in zip(hidden.split(chunk), targets.split(chunk))])
 
 
