@@ -108,6 +108,26 @@ def test_chunked_loss_applies_the_head_to_one_chunk_at_a_time() -> None:
     assert len(rows_seen) == 2 * chunks and sum(rows_seen) == 2 * supervised
 
 
+def test_ranks_that_agree_on_more_chunks_score_empty_ones_with_the_same_result() -> None:
+    """Under ZeRO-3 every head call gathers the sharded head, so every rank must make as many:
+    a rank with fewer chunks than the agreed count pads with empty ones."""
+    model = _llama()
+    batch = collate_rows(_rows(), pad_id=0)
+    supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    loss = TokenLoss(model)
+    alone = _loss_and_grads(loss, model, batch, "chunked")
+    calls: list[int] = []
+    handle = model.lm_head.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape[0]))
+    loss.agree_chunks = lambda chunks: chunks + 2
+    try:
+        agreed = _loss_and_grads(loss, model, batch, "chunked")
+    finally:
+        handle.remove()
+    _assert_same(alone, agreed)
+    chunks = -(-supervised // CHUNK) + 2
+    assert len(calls) == 2 * chunks and calls.count(0) == 4  # two empty chunks, forward and recomputed
+
+
 def test_final_logit_softcapping_matches_transformers_loss() -> None:
     """Gemma-2 caps its logits as cap * tanh(logits / cap); transformers' own loss is the reference."""
     from transformers import Gemma2Config, Gemma2ForCausalLM

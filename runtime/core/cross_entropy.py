@@ -41,9 +41,13 @@ def head_logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None, te
 
 
 def token_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, mode: str,
-                        softcap: float | None = None, temperature: float = 1.0,
-                        chunk: int = LOSS_CHUNK_POSITIONS) -> torch.Tensor:
-    """The loss of each supervised position: `hidden` [n, hidden] predicts `targets` [n] -> [n] fp32."""
+                        softcap: float | None = None, temperature: float = 1.0, chunk: int = LOSS_CHUNK_POSITIONS,
+                        agree_chunks: Callable[[int], int] | None = None) -> torch.Tensor:
+    """The loss of each supervised position: `hidden` [n, hidden] predicts `targets` [n] -> [n] fp32.
+
+    `agree_chunks` (ZeRO-3) turns this rank's chunk count into every rank's largest: each call of
+    the head gathers its sharded weight, a collective, so every rank must call it as often; a rank
+    with fewer chunks scores empty ones."""
     def losses(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head_logits(head, h, softcap, temperature), t, reduction="none")
 
@@ -51,9 +55,14 @@ def token_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Te
         return fused_cross_entropy(head, hidden, targets, softcap=softcap, temperature=temperature)
     if mode not in ("chunked", "full"):
         raise ValueError(f"unknown cross_entropy mode {mode!r}")
-    if mode == "full" or hidden.shape[0] <= chunk:
+    chunks = -(-hidden.shape[0] // chunk)
+    if mode == "chunked" and agree_chunks is not None:
+        chunks = agree_chunks(chunks)
+    if mode == "full" or chunks <= 1:
         return losses(hidden, targets)
-    return torch.cat([_chunk(losses, h, t) for h, t in zip(hidden.split(chunk), targets.split(chunk))])
+    pieces = list(zip(hidden.split(chunk), targets.split(chunk)))
+    pieces += [(hidden[:0], targets[:0])] * (chunks - len(pieces))
+    return torch.cat([_chunk(losses, h, t) for h, t in pieces])
 
 
 def _chunk(losses: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ classification model as one reward per sequence or one value per position (rewar
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +39,8 @@ class TokenLoss(nn.Module):
         self.temperature = temperature  # logits are divided by it (PPO scores samples as they were drawn)
         self.cross_entropy = cross_entropy
         self.chunk_positions = LOSS_CHUNK_POSITIONS
+        # ZeRO-3 sets it: the chunk count every rank agrees on (runtime.core.cross_entropy)
+        self.agree_chunks: Callable[[int], int] | None = None
         inner = hf_model(model)
         self.softcap = getattr(inner.config, "final_logit_softcapping", None)  # Gemma-2: cap * tanh(logits / cap)
         # A tuple, not attributes: registering them as submodules would list every weight twice.
@@ -105,7 +107,8 @@ class TokenLoss(nn.Module):
         supervised = targets != IGNORE_INDEX  # [batch, seq-1]
         selected = hidden[:, :-1][supervised]  # [n_supervised, hidden]
         losses = token_cross_entropy(head, selected, targets[supervised], mode=self.cross_entropy,
-                                     softcap=self.softcap, temperature=self.temperature, chunk=self.chunk_positions)
+                                     softcap=self.softcap, temperature=self.temperature, chunk=self.chunk_positions,
+                                     agree_chunks=self.agree_chunks)
         return losses, supervised
 
 
