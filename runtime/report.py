@@ -160,6 +160,8 @@ def _stage_entry(name: str, plan_stage: PlanStage | None, report: StageReport | 
         adapter=adapter if adapter is not None else (report.adapter if report is not None else None),
         ran=report is not None,
         **({"packing": report.packing} if report is not None and report.packing is not None else {}),
+        **({key: getattr(report, key) for key in ("steady_tokens_per_s", "compile_s")
+            if report is not None and getattr(report, key) is not None}),
         start_step=report.start_step if report is not None and report.start_step is not None
         else (0 if report is not None else None),
         peak_memory_gib=MemoryComparison(**_compare(planned_peak, peak).model_dump(), measured=basis),
@@ -313,6 +315,9 @@ def _stage_markdown(stage: RunStage) -> Iterable[str]:
                      f"{_fmt(loss.lowest_logged, '.4f')}; {loss.logged_steps} logged steps).")
     if stage.start_step:
         notes.append(f"Resumed from a checkpoint at step {stage.start_step}.")
+    if stage.compile_s is not None:
+        notes.append(f"torch.compile took {stage.compile_s:.1f} s in the first step; the steps after it ran at "
+                     f"{stage.steady_tokens_per_s:,.1f} tokens/s.")
     note = _heldout_note(stage.heldout)
     if note:
         notes.append(note)

@@ -160,6 +160,15 @@ def test_logits_cost_what_the_loss_holds(loss: str, bytes_per_logit: int) -> Non
     assert m.logits_bytes == 4 * 1 * 50_257 * bytes_per_logit
 
 
+@pytest.mark.parametrize(("supervised", "mode", "positions"), [
+    (512, "full", 2048), (512, "chunked", 1024), (200, "chunked", 800), (200, "full", 800)])
+def test_the_chunked_loss_holds_one_chunk_of_logits(supervised: int, mode: str, positions: int) -> None:
+    # 4 sequences x `supervised` positions; a chunk is 1,024 positions; 3 fp32 values per logit
+    a = architecture(_gpt2_facts(64, 2, 2, 64))
+    m = train_memory(a, _setup(supervised_per_example=supervised, cross_entropy=mode, loss_chunk_positions=1024))
+    assert m.logits_bytes == positions * 50_257 * 12
+
+
 def test_activation_coefficients_follow_how_the_weights_are_held() -> None:
     from compiler.estimation.estimate import coefficient_keys, half_precision_weights
 

@@ -114,5 +114,5 @@ def _stage(**changes) -> StageSpec:
                 micro_batch_size=1, grad_accum=1, learning_rate=1e-3, lr_schedule="constant", warmup_steps=0,
                 weight_decay=0.0, max_grad_norm=1.0, optimizer="adamw", adam_betas=(0.9, 0.999), adam_eps=1e-8,
                 momentum=0.9, log_every_steps=1, eval_every_steps=None, save_every_steps=None, keep_checkpoints=1,
-                length_grouping=False, packing=False, report_to=())
+                length_grouping=False, packing=False, cross_entropy="chunked", compile=False, report_to=())
     return StageSpec.model_validate({**base, **changes})

@@ -7,6 +7,7 @@ configurations they were not fitted on (other widths, depths, batch sizes and le
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 
@@ -103,6 +104,24 @@ def test_simulated_step_reports_parameters_and_optimizer_state_exactly() -> None
     assert result.parameters_bytes == 4 * n + 2 * 16 * 4
     assert result.gradients_bytes == 4 * n  # one fp32 gradient per weight, all alive after backward
     assert result.optimizer_bytes >= 8 * n  # AdamW: two fp32 moments (plus step counters, temporaries)
+
+
+def test_a_simulated_chunked_loss_saves_what_the_plans_logits_term_says() -> None:
+    """The simulated peak of "full" minus that of "chunked" against the same difference of the
+    plan's logits terms (3 fp32 values per logit over every supervised position, or one chunk)."""
+    from compiler.estimation.estimate import logits_bytes
+
+    config = {**CONFIGS["llama"], "vocab_size": 8192, "num_hidden_layers": 1}
+    shape = dict(micro_batch_size=2, seq_len=1024, supervised_per_example=1024)
+    full = simulate_step(config, **shape, cross_entropy="full")
+    chunked = simulate_step(config, **shape, cross_entropy="chunked", chunk_positions=256)
+    a = architecture(ModelFacts(name="test", family="llama", config=config))
+    setup = TrainSetup(total_parameters=1, trainable_parameters=1, precision="fp32", device="cpu", **shape)
+    planned = (logits_bytes(a, setup) - logits_bytes(a, replace(setup, cross_entropy="chunked",
+                                                                  loss_chunk_positions=256)))
+    simulated = full.total_bytes - chunked.total_bytes
+    assert planned == (2048 - 256) * 8192 * 12
+    assert simulated == pytest.approx(planned, rel=0.15)
 
 
 def test_plan_precise_puts_a_simulated_step_beside_the_estimate(tmp_path) -> None:

@@ -204,7 +204,8 @@ def test_an_adapter_of_matrices_only_gets_one_parameter_group() -> None:
                       max_steps=None, micro_batch_size=1, grad_accum=1, learning_rate=1e-2, lr_schedule="cosine",
                       warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0, optimizer="adamw", adam_betas=(0.9, 0.999),
                       adam_eps=1e-8, log_every_steps=1, eval_every_steps=None, save_every_steps=None,
-                      keep_checkpoints=1, length_grouping=True, packing=False, momentum=0.9, report_to=(), params={})
+                      keep_checkpoints=1, length_grouping=True, packing=False, momentum=0.9, report_to=(), params={},
+                      cross_entropy="chunked", compile=False)
     matrices = torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False), torch.nn.Linear(2, 4, bias=False))
     optimizer = build_optimizer(matrices, stage)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1]

@@ -271,6 +271,7 @@ def _memory_entry(est: StageEstimate) -> dict[str, Any]:
         "fits": est.fits,
         "headroom_gib": round(device - peak, 3) if device else None,
         "breakdown_gib": {k: round(v / GIB, 3) for k, v in est.memory.breakdown().items()},
+        "logits_why": est.logits_why,
         "suggestions": [
             {"change": s.change, "peak_gib": round(s.memory.peak_bytes / GIB, 3), "fits": s.fits,
              "time_factor": s.time_factor}

@@ -214,6 +214,8 @@ def _stage_spec(loaded: LoadedRecipe, stage: Stage, n_train: int, arch: Architec
         keep_checkpoints=t.keep_checkpoints,
         length_grouping=t.length_grouping,
         packing=t.packing,
+        cross_entropy=t.cross_entropy,
+        compile=t.compile,
         report_to=t.report_to,
         params=own,
     )

@@ -154,6 +154,10 @@ class TrainSetup:
     # bitsandbytes' quantized matmuls keep their input for backward; torchao's NF4 (torchtune) does not
     quantized_keeps_inputs: bool = True
     loss_logits: str = "fp32"  # how the loss holds the logits: "fp32", "chunked_fp32" or "half" (_LOSS_LOGIT_VALUES)
+    # train.cross_entropy: "full" holds every supervised position's logits at once; "chunked" at most
+    # `loss_chunk_positions` of them (the rest recomputed in backward); "fused" never all of a chunk's
+    cross_entropy: str = "full"
+    loss_chunk_positions: int = 1024
     # per block, the summed input width of the LoRA-wrapped layers whose adapter applies dropout
     lora_dropout_inputs: int = 0
     coefficients: dict[str, ActivationCoefficients] = field(default_factory=dict)  # by key (coefficient_keys)
@@ -269,11 +273,7 @@ def train_memory(a: Architecture, setup: TrainSetup) -> MemoryEstimate:
     # autocast's half-precision copies of the fp32 trainable weights, saved for backward like the
     # activations (the calibrated coefficients leave them out: benchmarks/calibrate_activations.py)
     activations = activation_bytes(a, st) + st.trainable_parameters * _autocast_copy_bytes(st)
-    # logits at supervised positions only, at the bytes the loss implementation holds per logit
-    working_values, fp32_values = _LOSS_LOGIT_VALUES[st.loss_logits]
-    loss_width = 4 if fp32_values else working
-    per_logit = working_values * working + fp32_values * 4 + final_softcap_bytes_per_logit(a.attention, loss_width)
-    logits = st.micro_batch_size * st.sequences_per_example * st.supervised_per_example * a.vocab_size * per_logit
+    logits = logits_bytes(a, st)
     overhead = st.process_overhead_bytes if st.process_overhead_bytes is not None \
         else (CUDA_OVERHEAD_BYTES if st.device == "cuda" else 0)
     held_gradients = gradients if st.grad_accum > 1 or st.optimizer_in_backward else 0
@@ -364,6 +364,56 @@ def quantized_matrices_bytes(a: Architecture, st: TrainSetup) -> int:
     return sum(quantized_matrix_bytes(i, o, st) for i, o in shapes)
 
 
+def supervised_positions(st: TrainSetup) -> int:
+    """Positions of one micro-batch whose next token is supervised: the rows the LM head computes."""
+    return st.micro_batch_size * st.sequences_per_example * st.supervised_per_example
+
+
+def logit_positions(a: Architecture, st: TrainSetup) -> int:
+    """Positions whose full-vocabulary logits are alive at once (see `logits_bytes`)."""
+    n = supervised_positions(st)
+    if st.cross_entropy == "chunked":
+        return min(n, st.loss_chunk_positions)
+    if st.cross_entropy == "fused":
+        # Liger's kernel takes chunks of n / ceil(vocab / hidden) positions, about n x hidden logits
+        return -(-n // max(1, -(-a.vocab_size // a.hidden)))
+    return n
+
+
+def logits_bytes(a: Architecture, st: TrainSetup) -> int:
+    """The loss's vocabulary logits at their peak: positions alive at once x vocab x bytes per logit.
+
+    With "full" autograd keeps every supervised position's fp32 log-softmax until backward, where
+    its gradient and the logits' gradient join it (3 fp32 values per logit, `_LOSS_LOGIT_VALUES`).
+    With "chunked" the same three values exist for one chunk only: each chunk's logits are
+    recomputed in backward and freed before the next (runtime.core.cross_entropy). A step whose
+    supervised positions fit in one chunk is the full case. Measured on CPU by
+    benchmarks/loss_throughput.py (the RSS high-water mark of a large-vocabulary model)."""
+    working_values, fp32_values = _LOSS_LOGIT_VALUES[st.loss_logits]
+    working = _WORKING_BYTES[st.precision]
+    loss_width = 4 if fp32_values else working
+    per_logit = working_values * working + fp32_values * 4 + final_softcap_bytes_per_logit(a.attention, loss_width)
+    if st.cross_entropy == "fused":
+        per_logit = 2 * 4  # the fp32 chunk of logits, overwritten in place by its gradient
+    return logit_positions(a, st) * a.vocab_size * per_logit
+
+
+def logits_why(a: Architecture, st: TrainSetup) -> str:
+    """One sentence: how many positions' logits the loss holds at once, and why."""
+    n, alive = supervised_positions(st), logit_positions(a, st)
+    head = f"{alive:,} of {n:,} supervised positions x {a.vocab_size:,} vocabulary"
+    if st.cross_entropy == "chunked" and alive < n:
+        return (f"{head}: train.cross_entropy = \"chunked\" computes {st.loss_chunk_positions:,} positions' logits "
+                "at a time and recomputes each chunk in backward, so one chunk is held, never the batch's")
+    if st.cross_entropy == "chunked":
+        return f"{head}: the micro-batch's supervised positions fit in one chunk of {st.loss_chunk_positions:,}"
+    if st.cross_entropy == "fused":
+        return (f"{head}: Liger's fused linear cross-entropy (train.cross_entropy = \"fused\") takes chunks of "
+                "about positions x hidden / vocab and never keeps their logits")
+    return (f"{head}: train.cross_entropy = \"full\" keeps every supervised position's fp32 logits until backward "
+            "(\"chunked\" holds one chunk)")
+
+
 def quantized_parameters(a: Architecture, st: TrainSetup) -> int:
     """Weights a 4-/8-bit quantization stores at its reduced width: the weight matrices of every
     block's linear layers, and the output layer's when `quantized_head` (an untied one). Embeddings,
@@ -392,7 +442,7 @@ def _quantized_bytes(st: TrainSetup) -> float:
 
 
 def train_flops(a: Architecture, non_embedding_parameters: int, *, tokens: int, supervised_tokens: int,
-                mean_seq_len: float, trainable_fraction: float = 1.0) -> int:
+                mean_seq_len: float, trainable_fraction: float = 1.0, head_recomputed_tokens: int = 0) -> int:
     """Training FLOPs for `tokens` real tokens.
 
     Source: Kaplan et al. 2020 (arXiv:2001.08361), C = 6N per token for the dense layers (2N
@@ -400,11 +450,12 @@ def train_flops(a: Architecture, non_embedding_parameters: int, *, tokens: int, 
     by nanoGPT's estimate_mfu. With frozen weights the backward pass still propagates activation
     gradients (2N) but skips weight gradients (2N x frozen share). The LM head (2 * vocab * hidden
     per token, x3 for training) is counted only on supervised tokens, because the runtime computes
-    logits only where the loss needs them.
+    logits only where the loss needs them; the chunked loss recomputes the head's forward (2 x vocab
+    x hidden) on `head_recomputed_tokens` in backward.
     """
     per_token = (4 + 2 * trainable_fraction) * non_embedding_parameters + 12 * a.layers * a.hidden * mean_seq_len
     head = 6 * a.vocab_size * a.hidden
-    return int(tokens * per_token + supervised_tokens * head)
+    return int(tokens * per_token + supervised_tokens * head + head_recomputed_tokens * 2 * a.vocab_size * a.hidden)
 
 
 def forward_flops(a: Architecture, non_embedding_parameters: int, *, tokens: int, mean_seq_len: float) -> int:

@@ -55,6 +55,8 @@ def simulate_step(
     attention: str = "sdpa",
     master_weights: bool = True,
     quantization: str = "none",
+    cross_entropy: str = "full",
+    chunk_positions: int = 1024,
 ) -> PreciseMemory:
     """Peak memory of one forward + backward + optimizer step of the model `config` describes.
 
@@ -65,6 +67,8 @@ def simulate_step(
     model is frozen. `quantization` ("4bit", "8bit") simulates what bitsandbytes' quantized layers
     keep for the backward pass (each frozen linear layer keeps its input); their weights stay at
     the working width here, so only the activations of such a step are meaningful.
+    `cross_entropy` = "chunked" scores `chunk_positions` positions at a time and recomputes each
+    chunk's logits in backward, as the runtime's train.cross_entropy does.
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -115,8 +119,8 @@ def simulate_step(
                     hidden = causal_lm.base_model(input_ids=input_ids).last_hidden_state
                     # the supervised positions only: [batch * supervised, hidden]
                     selected = hidden[:, -supervised_per_example:].reshape(-1, hidden.shape[-1])
-                    logits = causal_lm.get_output_embeddings()(selected).float()
-                    loss = torch.nn.functional.cross_entropy(logits, targets)
+                    loss = _loss(torch, causal_lm.get_output_embeddings(), selected, targets, cross_entropy,
+                                 chunk_positions)
                 current = next(iter(tracker.get_tracker_snapshot("current").values()))
                 forward_activations = {getattr(k, "value", k): v for k, v in current.items()}.get("Activation", 0)
                 loss.backward()
@@ -134,6 +138,21 @@ def simulate_step(
         total_bytes=by_name["Total"],
         forward_activations_bytes=forward_activations,
     )
+
+
+def _loss(torch, head, selected, targets, cross_entropy: str, chunk_positions: int):
+    """The mean cross-entropy as the runtime computes it (runtime.core.cross_entropy, which the
+    compiler may not import): all positions at once, or chunks recomputed in backward."""
+    def summed(h, t):  # the head as a function: MemTracker refuses a module entered again in backward
+        logits = torch.nn.functional.linear(h, head.weight, head.bias)
+        return torch.nn.functional.cross_entropy(logits.float(), t, reduction="sum")
+
+    if cross_entropy != "chunked" or selected.shape[0] <= chunk_positions:
+        return summed(selected, targets) / targets.shape[0]
+    from torch.utils.checkpoint import checkpoint
+
+    chunks = zip(selected.split(chunk_positions), targets.split(chunk_positions))
+    return sum(checkpoint(summed, h, t, use_reentrant=False) for h, t in chunks) / targets.shape[0]
 
 
 class _NoHook:

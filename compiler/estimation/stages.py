@@ -18,6 +18,8 @@ from compiler.estimation.estimate import (
     forward_flops,
     optimizer_step_seconds,
     step_overhead_seconds,
+    logits_why,
+    supervised_positions,
     train_flops,
     train_memory,
     wall_seconds,
@@ -45,10 +47,11 @@ from compiler.loading.recipe import (
     stage_adapter,
     training,
 )
+from runtime.contract.config import LOSS_CHUNK_POSITIONS
 
 # Extra compute a memory-saving change costs, as a factor on the stage's time (for ranking).
 _TIME_FACTOR = {"micro_batch": 1.05, "checkpointing": 1.33, "zero": 1.10, "offload": 1.50, "lora": 0.70,
-                "quantization": 1.20}
+                "quantization": 1.20, "chunked_loss": 1.02}
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class StageEstimate:
     cost_usd: float | None
     suggestions: tuple[Suggestion, ...] = ()
     overhead_s: float = 0.0  # the part of wall_s besides the FLOPs: per-micro-batch costs and optimizer steps
+    logits_why: str = ""  # how many positions' vocabulary logits the loss holds at once, and why
 
 
 def trainable_parameters(arch: Architecture, adapter) -> int:
@@ -163,12 +167,16 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
         grad_accum=t.grad_accum, dropout=dropout, sequences_per_example=sequences,
         frozen_model_parameters=vision + _frozen_models(stage, adapter, total.total), coefficients=_coefficients(family),
         process_overhead_bytes=_process_overhead_bytes(device),
+        cross_entropy=t.cross_entropy, loss_chunk_positions=LOSS_CHUNK_POSITIONS,
     )
     memory = train_memory(arch, setup)
+    # chunked: with more than one chunk a micro-batch, every supervised position's head runs twice forward
+    recomputed = supervised * sequences if t.cross_entropy == "chunked" and \
+        supervised_positions(setup) > LOSS_CHUNK_POSITIONS else 0
     # A mixture of experts computes with the experts its router picks: FLOPs from active parameters.
     active_non_embedding = active_parameters(arch) - total.embedding
     flops = _stage_flops(arch, stage, active_non_embedding, min(1.0, trainable / total.text), tokens * sequences,
-                         supervised * sequences, mean_seq_len)
+                         supervised * sequences, mean_seq_len, recomputed)
     fits = None if device.memory_gib is None else memory.peak_bytes <= device.memory_gib * GIB
     per_micro_batch_s = device.step_overhead_s + arch.layers * device.layer_overhead_s
     optimizer_s = optimizer_step_seconds(trainable, t.optimizer, bandwidth_gb_per_s=device.memory_bandwidth_gb_per_s)
@@ -182,7 +190,8 @@ def estimate_stage(recipe: Recipe, arch: Architecture, family: str, stage: Stage
     suggestions = () if fits in (True, None) else _suggestions(arch, setup, t, device, adapter)
     return StageEstimate(trainable_parameters=trainable, total_parameters=total.total, steps=steps, tokens=tokens,
                          flops=flops, memory=memory, device=device, fits=fits, wall_s=wall, gpu_hours=gpu_hours,
-                         cost_usd=cost, suggestions=suggestions, overhead_s=overhead if wall is not None else 0.0)
+                         cost_usd=cost, suggestions=suggestions, overhead_s=overhead if wall is not None else 0.0,
+                         logits_why=logits_why(arch, setup))
 
 
 def _process_overhead_bytes(device: DeviceFacts) -> int | None:
@@ -212,10 +221,11 @@ def _reward_models(stage: GrpoStage) -> set[str]:
 
 
 def _stage_flops(arch: Architecture, stage: Stage, non_embedding: int, trainable_fraction: float, tokens: int,
-                 supervised: int, mean_seq_len: float) -> int:
+                 supervised: int, mean_seq_len: float, head_recomputed: int = 0) -> int:
     """Training FLOPs, plus the forward passes of frozen models and PPO's generation and scoring."""
     trained = train_flops(arch, non_embedding, tokens=tokens, supervised_tokens=supervised,
-                          mean_seq_len=mean_seq_len, trainable_fraction=trainable_fraction)
+                          mean_seq_len=mean_seq_len, trainable_fraction=trainable_fraction,
+                          head_recomputed_tokens=head_recomputed)
     forward = forward_flops(arch, non_embedding, tokens=tokens, mean_seq_len=mean_seq_len)
     if isinstance(stage, DpoStage):
         return trained + forward  # the reference model scores chosen and rejected once
@@ -257,6 +267,9 @@ def _candidate_changes(arch: Architecture, setup: TrainSetup, adapter, limit: fl
             out.append((f"micro_batch_size = {micro}, grad_accum = {accum} (same global batch)", candidate,
                         _TIME_FACTOR["micro_batch"]))
             break
+    if setup.cross_entropy == "full" and supervised_positions(setup) > setup.loss_chunk_positions:
+        out.append(('train.cross_entropy = "chunked"', replace(setup, cross_entropy="chunked"),
+                    _TIME_FACTOR["chunked_loss"]))
     if not setup.gradient_checkpointing:
         out.append(("hardware.gradient_checkpointing = true", replace(setup, gradient_checkpointing=True),
                     _TIME_FACTOR["checkpointing"]))

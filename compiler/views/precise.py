@@ -7,6 +7,7 @@ import json
 from compiler.emission.build import Build
 from compiler.estimation.estimate import GIB
 from compiler.estimation.precise import simulate_step
+from runtime.contract.config import LOSS_CHUNK_POSITIONS
 from runtime.contract.layout import RUNTIME_CONFIG_FILE
 
 SIMULATED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
@@ -36,7 +37,8 @@ def precise_report(build: Build) -> str:
         result = simulate_step(
             config, micro_batch_size=stage["micro_batch_size"], seq_len=data["max_total_tokens"],
             supervised_per_example=max(1, supervised), precision=hardware["precision"], optimizer=stage["optimizer"],
-            gradient_checkpointing=hardware["gradient_checkpointing"], attention=hardware["attention"])
+            gradient_checkpointing=hardware["gradient_checkpointing"], attention=hardware["attention"],
+            cross_entropy=stage["cross_entropy"], chunk_positions=LOSS_CHUNK_POSITIONS)
         simulated = result.total_bytes / GIB
         analytical = planned["memory"]["peak_gib"] - planned["memory"]["breakdown_gib"]["overhead"]
         lines.append(f"| {stage['name']} | {analytical:.3f} | {simulated:.3f} | {(analytical - simulated) / simulated:+.1%} |")

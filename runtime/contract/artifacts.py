@@ -215,6 +215,9 @@ class StageReport(_Written):
     wall_s: float | None = None  # over all attempts
     tokens: int | None = None
     tokens_per_s: float | None = None
+    # the steps after this attempt's first, whose time includes torch.compile's with train.compile
+    steady_tokens_per_s: float | None = None
+    compile_s: float | None = None  # train.compile: the first step's time beyond a steady step's
     peak_memory_gib: float | None = None
     peak_rss_gib: float | None = None
     # the longest micro-batch's forward and backward before the first step (runtime.core.probe)
@@ -353,6 +356,8 @@ class RunStage(_Written):
     truncation: Truncation | None
     heldout: Heldout | None
     packing: Packing | None = None
+    steady_tokens_per_s: float | None = None  # the steps after the first (train.compile's is apart)
+    compile_s: float | None = None  # train.compile: the first step's time beyond a steady step's
     # the held-out loss during training (`eval_every_steps`): how often, the best step, the last value
     evaluations: int | None = None
     best_eval_step: int | None = None

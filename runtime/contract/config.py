@@ -22,6 +22,12 @@ from runtime.contract.packing import PACKED_KINDS
 # Bump on any change a runtime of the previous version would misread.
 SCHEMA_VERSION = 2
 RUNTIME_CONFIG_FILE = "runtime.json"
+# Supervised positions whose vocabulary logits `cross_entropy = "chunked"` computes at a time; the
+# plan prices one chunk of them (runtime.core.cross_entropy).
+LOSS_CHUNK_POSITIONS = 1024
+# The stage kinds whose loss is the plain sum of token losses, which is all Liger's fused
+# cross-entropy returns; dpo, ppo and grpo weight each token's log-probability differently.
+FUSED_LOSS_KINDS = ("pretrain", "sft")
 
 
 class IncompatibleBuildError(Exception):
@@ -119,6 +125,8 @@ class StageSpec(_Frozen):
     keep_checkpoints: int
     length_grouping: bool
     packing: bool
+    cross_entropy: Literal["chunked", "full", "fused"]  # how the LM head meets the loss (runtime.core.cross_entropy)
+    compile: bool  # torch.compile each decoder block
     report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...]  # experiment trackers, rank 0 logs
     params: dict[str, Any] = Field(default_factory=dict)  # kind-specific (beta, kl_coef, ...)
 
@@ -211,6 +219,19 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         if stage.save_best and hw.zero_stage == 3:
             out.append(f"{where} asks for save_best, which copies the best evaluation's weights from rank 0, but "
                        "ZeRO stage 3 shards them over the ranks; use hardware.zero_stage = 2 (or remove save_best)")
+        out += _cross_entropy_refusals(where, stage, hw)
+        if stage.compile and stage.kind in ("ppo", "grpo"):
+            out.append(f"{where} is {stage.kind} with compile = true: generation feeds the blocks a key/value cache "
+                       "whose state, strides and layer index change with every layer and token, so torch.compile "
+                       "recompiles each block until it gives up (set compile = false for this stage)")
+        elif stage.compile and stage.adapter.kind == "prefix":
+            out.append(f"{where} asks for compile = true with a prefix adapter, whose prefixes reach the blocks as a "
+                       "key/value cache indexed by layer, so torch.compile recompiles every block (one graph per layer "
+                       "until its limit of 8); set compile = false, or adapter kind = \"lora\"")
+        elif stage.compile and hw.zero_stage >= 3:
+            out.append(f"{where} asks for compile = true under ZeRO-3, whose hooks gather and release each block's "
+                       "parameters inside the compiled code, which recompiles until torch gives up and runs it eager; "
+                       "set compile = false, or hardware.zero_stage = 2")
         for tracker in stage.report_to:
             if importlib.util.find_spec(TRACKER_MODULES[tracker]) is None:
                 out.append(f'{where} reports to {tracker}, which is not installed: pip install "recipe[{tracker}]" '
@@ -219,6 +240,24 @@ def unsupported(config: RuntimeConfig) -> list[str]:
         if not data.tokenized:
             out.append(f'data set "{stage.data}" was not tokenized at compile time (the tokenizer was not available)')
     return out
+
+
+def _cross_entropy_refusals(where: str, stage: StageSpec, hw: HardwareSpec) -> list[str]:
+    """Why a stage's `cross_entropy = "fused"` cannot run here (empty when it can, or is not asked for)."""
+    if stage.cross_entropy != "fused":
+        return []
+    if stage.kind == "reward":
+        return [f'{where} is a reward model, whose scalar head has no vocabulary logits; remove cross_entropy = "fused"']
+    if stage.kind not in FUSED_LOSS_KINDS:
+        return [f'{where} is {stage.kind} with cross_entropy = "fused", whose kernel returns only the summed loss; '
+                f'{stage.kind} needs each token\'s log-probability (use cross_entropy = "chunked")']
+    if hw.device != "cuda":
+        return [f'{where} asks for cross_entropy = "fused", Liger\'s Triton kernel, which needs hardware.device = '
+                '"cuda" (use cross_entropy = "chunked")']
+    if importlib.util.find_spec("liger_kernel") is None:
+        return [f'{where} asks for cross_entropy = "fused", which needs liger-kernel; install the liger extra '
+                '(pip install \'recipe[liger]\') or use cross_entropy = "chunked"']
+    return []
 
 
 HARNESS_MISSING = ('eval.kind = "harness" runs lm-evaluation-harness, which is not installed: '

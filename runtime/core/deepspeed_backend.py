@@ -11,6 +11,7 @@ import gc
 import json
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from runtime.contract.config import StageSpec
 from runtime.contract.layout import DEEPSPEED_TAG, ds_config_file
 from runtime.core.checkpoint import CheckpointError
+from runtime.core.distributed import all_ranks_max
 from runtime.core.optim import build_optimizer, build_scheduler
 from runtime.core.run import Run
 
@@ -50,6 +52,9 @@ class DeepSpeedBackend:
         config["steps_per_print"] = 10**9  # progress is ours
         optimizer = build_optimizer(model, stage)
         scheduler = build_scheduler(optimizer, stage, total_steps)
+        if run.config.hardware.zero_stage >= 3 and hasattr(loss_module, "agree_chunks"):
+            # every head call gathers the sharded head: every rank must score as many chunks
+            loss_module.agree_chunks = partial(all_ranks_max, d=run.d, device=run.device)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=loss_module, optimizer=optimizer, lr_scheduler=scheduler, config=config,
         )

@@ -75,6 +75,15 @@ def all_ranks_sum(value: int, d: Dist, device: torch.device | None = None) -> in
     return int(t.item())
 
 
+def all_ranks_max(value: int, d: Dist, device: torch.device | None = None) -> int:
+    """The largest `value` of every process (collective: every rank calls it)."""
+    if d.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_rank(flag: bool, d: Dist, device: torch.device) -> bool:
     """Whether `flag` is true on any process; a barrier too (collective: every rank calls it)."""
     t = torch.tensor([int(flag)], device=device)  # on the run's device: NCCL reduces CUDA tensors only

@@ -32,7 +32,7 @@ from runtime.core.data import length_grouped_batches
 from runtime.core.distributed import Dist, all_ranks_sum, any_rank, autocast, peak_memory_gib
 from runtime.core.evaluation import HeldoutLoss
 from runtime.core.host_memory import current_rss_gib, peak_rss_gib
-from runtime.core.model import count_parameters
+from runtime.core.model import compile_blocks, count_parameters
 from runtime.core.objective import Objective
 from runtime.core.packing import training_items
 from runtime.core.probe import ProbeOutOfMemory, run_probe
@@ -323,6 +323,36 @@ def early_stop(run: Run, stage: StageSpec, step: int, evaluation: HeldoutLoss) -
 
 
 @dataclass
+class StepTimes:
+    """The first step of an attempt apart from the rest: with `train.compile` it includes the
+    compilation, which the steady-state speed must not average in."""
+
+    first_s: float | None = None
+    later_s: float = 0.0
+    later_steps: int = 0
+    later_tokens: int = 0  # this rank's non-pad tokens after the first step
+
+    def add(self, wall_s: float, tokens: int) -> None:
+        if self.first_s is None:
+            self.first_s = wall_s
+        else:
+            self.later_s += wall_s
+            self.later_steps += 1
+            self.later_tokens += tokens
+
+    def report(self, stage: StageSpec, run: Run) -> dict[str, float]:
+        """`steady_tokens_per_s` (all ranks, the steps after the first) and, with compile, `compile_s`:
+        the first step's time beyond a steady step's. Collective."""
+        tokens = all_ranks_sum(self.later_tokens, run.d, run.device)
+        if not self.later_steps:
+            return {}
+        out = {"steady_tokens_per_s": round(tokens / self.later_s, 1)}
+        if stage.compile and self.first_s is not None:
+            out["compile_s"] = round(max(0.0, self.first_s - self.later_s / self.later_steps), 3)
+        return out
+
+
+@dataclass
 class Window:
     """Sums over the micro-batches since the last logged step."""
 
@@ -346,13 +376,16 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
         raise RuntimeError(f'stage "{stage.name}": {len(rows)} training rows make no batch for {d.world} processes')
     steps = stage_steps(stage, len(rows), d.world)
     # before the backend wraps the model: the probe's gradients must not reach DDP or the optimizer
+    # (and before compiling, so that the first step's time is the compilation's)
     probe_peak = probe_longest_batch(run, stage, objective, steps, per_epoch)
+    if stage.compile:
+        compile_blocks(model)
     backend = make_backend(run, stage, model, objective.loss, steps)
     start = resume(run, index, stage, steps, backend)
     log = StageLog(run, index, stage, steps, start)
     evaluation = HeldoutLoss(stage, objective.heldout_rows, objective.collate, list(start.evaluations))
     stopped: EarlyStop | None = None
-    step, window = start.step, Window()
+    step, window, times = start.step, Window(), StepTimes()
     groups_of: dict[int, list[list[list[int]]]] = {}  # the current epoch's step groups
     model.train()
     while step < steps:
@@ -363,6 +396,7 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
                 raise RuntimeError(f"epoch grouping made {len(groups_of[epoch])} steps; "
                                    f"runtime.contract.steps counts {per_epoch}")
         micro_batches = groups_of[epoch][group]
+        step_started, step_tokens = time.perf_counter(), window.tokens
         for k, micro in enumerate(micro_batches):
             batch = objective.collate([rows[j] for j in micro])
             batch = {key: value.to(run.device) for key, value in batch.items()}
@@ -378,6 +412,7 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
             for name, value in (out[2] if len(out) > 2 else {}).items():
                 window.stats[name] = window.stats.get(name, 0.0) + float(value)
         grad_norm = backend.step()
+        times.add(time.perf_counter() - step_started, window.tokens - step_tokens)
         step += 1
         if log.due(step):
             log.record(step, window.tokens, epoch=round(epoch + (group + 1) / per_epoch, 3), **window.means(),
@@ -398,7 +433,7 @@ def train_objective(run: Run, index: int, stage: StageSpec, objective: Objective
         checkpoint_if_due(run, index, stage, log, backend, step, epoch=next_epoch, batch=next_group * stage.grad_accum,
                           evaluations=evaluation.history)
     wall_s = log.close()
-    extra = {"probe_peak_gib": probe_peak}
+    extra = {"probe_peak_gib": probe_peak, **times.report(stage, run)}
     if stopped is not None:
         extra.update(stopped_at_step=stopped.step, stop_reason=stopped.reason)
     if stage.save_best and evaluation.best() is not None:

@@ -8,12 +8,13 @@ classification model as one reward per sequence or one value per position (rewar
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from runtime.contract.config import LOSS_CHUNK_POSITIONS
+from runtime.core.cross_entropy import token_cross_entropy
 from runtime.core.data import IGNORE_INDEX
 from runtime.core.model import hf_model
 
@@ -28,19 +29,24 @@ class TokenLoss(nn.Module):
 
     The LM head (hidden x vocab, by far the largest matmul for small models) is applied only to
     the hidden states whose next token is supervised, instead of to every position: for a
-    one-token label that is 1 row per example instead of ~50. Prefix tuning's trained key/value
-    prefixes are passed to the decoder as its past, exactly as peft's own forward does."""
+    one-token label that is 1 row per example instead of ~50; `cross_entropy` says how the head
+    and the loss meet (runtime.core.cross_entropy: in chunks by default). Prefix tuning's trained
+    key/value prefixes are passed to the decoder as its past, exactly as peft's own forward does."""
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, cross_entropy: str = "chunked"):
         super().__init__()
         self.model = model
         self.temperature = temperature  # logits are divided by it (PPO scores samples as they were drawn)
+        self.cross_entropy = cross_entropy
+        self.chunk_positions = LOSS_CHUNK_POSITIONS
+        # ZeRO-3 sets it: the chunk count every rank agrees on (runtime.core.cross_entropy)
+        self.agree_chunks: Callable[[int], int] | None = None
         inner = hf_model(model)
         # A tuple, not attributes: registering them as submodules would list every weight twice.
         self._parts = (inner.base_model, inner.get_output_embeddings())
         # Gemma-2's tanh soft-capping of the logits, which the model's own forward applies after the
-        # head: applied here too, since this loss calls the head itself.
-        self._final_softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
+        # head: applied here too, since this loss calls the head itself (cap * tanh(logits / cap)).
+        self.softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
         config = getattr(model, "active_peft_config", None)
         self._prefix = config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0
 
@@ -102,12 +108,10 @@ class TokenLoss(nn.Module):
         targets = labels[:, 1:]  # position t predicts token t+1
         supervised = targets != IGNORE_INDEX  # [batch, seq-1]
         selected = hidden[:, :-1][supervised]  # [n_supervised, hidden]
-        logits = head(selected).float()  # [n_supervised, vocab]
-        if self._final_softcap:
-            logits = torch.tanh(logits / self._final_softcap) * self._final_softcap
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return F.cross_entropy(logits, targets[supervised], reduction="none"), supervised
+        losses = token_cross_entropy(head, selected, targets[supervised], mode=self.cross_entropy,
+                                     softcap=self.softcap, temperature=self.temperature, chunk=self.chunk_positions,
+                                     agree_chunks=self.agree_chunks)
+        return losses, supervised
 
 
 class ScalarHead(nn.Module):

@@ -195,6 +195,18 @@ def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
     raise ValueError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """`train.compile`: torch.compile each decoder block in place, not the whole model.
+
+    One block's graph is compiled once and reused by every layer of the same shape, where a
+    whole-model graph would break at every data-dependent branch of the loss and generation.
+    `dynamic=True` marks the sequence length dynamic, so batches of other lengths reuse the graph
+    instead of recompiling. Compiling in place (nn.Module.compile) keeps the parameter names, so
+    checkpoints and saved stages are those of the uncompiled model."""
+    for block in transformer_blocks(hf_model(model)):
+        block.compile(dynamic=True)
+
+
 def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec, *, scalar: bool = False) -> nn.Module:
     """Make exactly the planned parameters trainable; returns the model to train (peft-wrapped or not).
 

@@ -61,13 +61,13 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
 class DpoLoss(TokenLoss):
     """The training objective: (loss sum, pairs, metric sums) for a batch of [chosen..., rejected...]."""
 
-    def __init__(self, model: nn.Module, params: dict, reference: nn.Module | None):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, params: dict, reference: nn.Module | None, cross_entropy: str = "chunked"):
+        super().__init__(model, cross_entropy=cross_entropy)
         self.beta = params["beta"]
         self.loss_type = params["loss_type"]
         self.label_smoothing = params["label_smoothing"]
         # A tuple keeps the frozen reference out of this module's parameters (DDP, DeepSpeed, checkpoints).
-        self._reference = (TokenLoss(reference),) if reference is not None else ()
+        self._reference = (TokenLoss(reference, cross_entropy=cross_entropy),) if reference is not None else ()
 
     def logps(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed completion log-probabilities and completion token counts, per row."""
@@ -124,7 +124,7 @@ def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
     disable_dropout(model)
     reference = frozen_reference(run, stage, model)
     policy = apply_adapter(model, stage.adapter)
-    loss = DpoLoss(policy, stage.params, reference)
+    loss = DpoLoss(policy, stage.params, reference, stage.cross_entropy)
     pad_id = run.config.model.pad_token_id
     return Objective(rows=rows, loss=loss, model=policy, unit="pairs", collate=partial(collate_pairs, pad_id=pad_id),
                      heldout_rows=heldout_rows,

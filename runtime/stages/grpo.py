@@ -69,15 +69,16 @@ class GrpoStage:
         self.reference: TokenLoss | None = None
         if p["kl_coef"] > 0:
             frozen = frozen_reference(run, stage, start)
-            self.reference = TokenLoss(frozen, temperature=temperature) if frozen is not None else None
+            self.reference = TokenLoss(frozen, temperature=temperature, cross_entropy=stage.cross_entropy) \
+                if frozen is not None else None
         scorers = {s["stage"]: ScalarHead(frozen_model(run, s["stage"])) for s in p["rewards"] if s["kind"] == "reward_model"}
         self.rewards = [Reward(s, scorers[s["stage"]].rewards if s["kind"] == "reward_model" else None)
                         for s in p["rewards"]]
         self.actor = apply_adapter(start, stage.adapter)
         self.steps = stage_steps(stage, len(self.rows), run.d.world)
         updates = self.steps * p["num_iterations"] * self.updates_per_batch()
-        self.backend = TorchBackend(config, stage, self.actor, PolicyLogps(self.actor, temperature=temperature),
-                                    run.d, run.device, updates)
+        logps = PolicyLogps(self.actor, temperature=temperature, cross_entropy=stage.cross_entropy)
+        self.backend = TorchBackend(config, stage, self.actor, logps, run.d, run.device, updates)
 
     def updates_per_batch(self) -> int:
         """Optimizer steps of one pass (of `num_iterations`) over a step's completions."""

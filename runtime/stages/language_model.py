@@ -34,8 +34,9 @@ def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
     model = apply_adapter(model, stage.adapter)
     pad_id = run.config.model.pad_token_id
     accuracy = heldout_accuracy(run.config, run.build_dir, stage)
+    loss = TokenLoss(model, cross_entropy=stage.cross_entropy)
     if not stage.packing:
-        return Objective(rows=rows, loss=TokenLoss(model), model=model, heldout_rows=heldout,
+        return Objective(rows=rows, loss=loss, model=model, heldout_rows=heldout,
                          collate=partial(collate_rows, pad_id=pad_id), accuracy=accuracy)
     budget = pack_budget(data, [len(r) for r in rows])
     report = packing_report(rows, budget)
@@ -43,7 +44,7 @@ def objective(run: Run, stage: StageSpec, model: nn.Module) -> Objective:
             f'({report["sequences_per_pack"]} a row, {report["padding_share"]:.1%} padding)')
     # held-out rows are packed alike, so they are collated like the training packs (the packed loss
     # equals the unpacked one)
-    return Objective(rows=pack_rows(rows, budget), loss=TokenLoss(model), model=model,
+    return Objective(rows=pack_rows(rows, budget), loss=loss, model=model,
                      heldout_rows=pack_rows(heldout, budget) if heldout else (),
                      collate=partial(collate_packed, pad_id=pad_id), accuracy=accuracy, packing=report)
 

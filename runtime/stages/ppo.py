@@ -121,7 +121,8 @@ class PpoStage:
 
         disable_dropout(start)
         frozen = frozen_reference(run, stage, start)
-        self.reference = TokenLoss(frozen, temperature=p["generation"]["temperature"]) if frozen is not None else None
+        self.reference = TokenLoss(frozen, temperature=p["generation"]["temperature"],
+                                   cross_entropy=stage.cross_entropy) if frozen is not None else None
         self.reward = ScalarHead(frozen_model(run, p["reward_model"]))
         critic = frozen_model(run, p.get("critic_from") or p["reward_model"])
         if not is_scalar(critic):
@@ -132,8 +133,8 @@ class PpoStage:
         self.actor = apply_adapter(start, stage.adapter)
         self.steps = stage_steps(stage, len(self.prompts), run.d.world)
         updates = self.steps * p["ppo_epochs"] * self.updates_per_rollout()
-        self.actor_backend = TorchBackend(config, stage, self.actor, PolicyLogps(
-            self.actor, temperature=p["generation"]["temperature"]), run.d, run.device, updates)
+        logps = PolicyLogps(self.actor, temperature=p["generation"]["temperature"], cross_entropy=stage.cross_entropy)
+        self.actor_backend = TorchBackend(config, stage, self.actor, logps, run.d, run.device, updates)
         critic_stage = stage.model_copy(update={"learning_rate": p.get("critic_learning_rate") or stage.learning_rate})
         self.critic_backend = TorchBackend(config, critic_stage, critic, CriticValues(critic), run.d, run.device,
                                            updates)

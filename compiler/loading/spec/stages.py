@@ -72,6 +72,15 @@ class TrainSection(Section):
     """Batch examples of similar length together, so little padding is computed."""
     packing: bool = False
     """Pack several sequences into each row of the token budget (pretrain and sft; each sequence attends only to itself)."""
+    cross_entropy: Literal["chunked", "full", "fused"] = "chunked"
+    """How the LM head meets the loss: "chunked" computes the vocabulary logits of 1,024 supervised
+    positions at a time and recomputes them in backward, so one chunk is held, never the batch's;
+    "full" computes them all at once (autograd keeps them until backward); "fused" is Liger's fused
+    linear cross-entropy (CUDA, the liger extra; pretrain and sft). Reward models have no
+    vocabulary head and ignore it."""
+    compile: bool = False
+    """torch.compile each decoder block (dynamic shapes, so varying batch lengths do not recompile);
+    the first step's compile time is reported apart (compile_s in the run report)."""
     report_to: Annotated[tuple[Literal["tensorboard", "wandb", "mlflow"], ...], Field(strict=False)] = ()
     """Experiment trackers that get the metrics, the runtime config and the plan's headline numbers:
     any of "tensorboard" (event files under runs/), "wandb", "mlflow". Each is an optional extra
