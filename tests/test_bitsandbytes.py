@@ -16,7 +16,7 @@ def _stage(optimizer: str) -> StageSpec:
                      warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optimizer=optimizer,
                      adam_betas=(0.9, 0.999), adam_eps=1e-8, log_every_steps=1, eval_every_steps=None,
                      save_every_steps=None, keep_checkpoints=1, length_grouping=True, packing=False, momentum=0.9,
-                     report_to=(), params={})
+                     report_to=(), params={}, cross_entropy="chunked", compile=False)
 
 
 def _train(optimizer: str, steps: int = 20) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
