@@ -80,3 +80,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     return write_json_recipe(tmp_path, base_recipe())
+
+
+def save_tiny_llama(folder: Path, *, hidden: int, intermediate: int, layers: int) -> Path:
+    """A small Llama with the GPT-2 vocabulary, grouped-query attention (4 heads, 2 key/value heads)
+    and an untied output layer, seeded and saved in HF format (fp32) under `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50257, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=50256, eos_token_id=50256,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

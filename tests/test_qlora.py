@@ -14,21 +14,14 @@ import pytest
 import torch
 
 from runtime.contract.config import load_runtime_config, unsupported
-from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
+from tests.conftest import REPO, base_recipe, run_cli, save_tiny_llama, write_json_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A small Llama with the GPT-2 vocabulary, saved in HF format (fp32)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", hidden=64, intermediate=128,
+                           layers=2)
 
 
 def _recipe(tiny_llama: Path, quantization: str, **changes) -> dict:

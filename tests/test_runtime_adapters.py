@@ -14,21 +14,14 @@ import torch
 
 from runtime.contract.config import load_runtime_config
 from runtime.core.data import IGNORE_INDEX, TrainRow, collate_rows, read_training_rows
-from tests.conftest import REPO, base_recipe, run_cli, write_json_recipe
+from tests.conftest import REPO, base_recipe, run_cli, save_tiny_llama, write_json_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A small Llama (grouped-query attention) with the GPT-2 vocabulary, saved in HF format."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", hidden=32, intermediate=64,
+                           layers=3)
 
 
 def _build(tmp_path: Path, name: str, *, model: dict | None = None, adapter: dict | None = None,

@@ -13,7 +13,7 @@ from compiler.emission.build import compile_recipe
 from runtime.contract.config import RuntimeConfig
 from runtime.core.model import apply_adapter
 from runtime.core.outputs import starting_model
-from tests.conftest import base_recipe, write_json_recipe
+from tests.conftest import base_recipe, save_tiny_llama, write_json_recipe
 
 ADAPTERS = {
     "full": {"kind": "full"},
@@ -26,15 +26,8 @@ ADAPTERS = {
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A small Llama with grouped-query attention and an untied output layer, saved in fp32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", hidden=64, intermediate=128,
+                           layers=2)
 
 
 def _plan_and_model(tmp_path: Path, model: dict, adapter: dict, precision: str) -> tuple[int, torch.nn.Module]:
