@@ -21,10 +21,12 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
+import numpy as np
 import torch
 
 from runtime.contract.files import fsync_path, write_failure
@@ -237,3 +239,14 @@ def save_checkpoint(root: Path, state: TrainState, keep: int, saved: Checkpointa
     give_up_if_failed(attempt(prepare) if d.is_main else None)
     give_up_if_failed(attempt(write_own_part))
     give_up_if_failed(attempt(lambda: commit(root, staging, state, keep)) if d.is_main else None)
+
+
+@contextmanager
+def rng_restored(device: torch.device) -> Iterator[None]:
+    """Every random number generator training draws from (torch's, the device's, Python's and
+    NumPy's) as it was on entry: work done inside leaves the next training step's draws unchanged."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerFast
 
 from runtime.contract.config import RuntimeConfig, StageSpec
+from runtime.core.checkpoint import rng_restored
 from runtime.core.classify import predict_labels
 from runtime.core.data import Encoded, read_examples
 from runtime.core.distributed import Dist, autocast
@@ -40,9 +41,8 @@ ACCURACY_SAMPLE = 64  # held-out rows whose label is predicted per evaluation (g
 def untouched_rng_and_eval_mode(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
     """Evaluation inside training: no dropout, no gradients, and the random number generators
     restored afterwards, so the next training step draws what it would have drawn."""
-    devices = [device] if device.type == "cuda" else []
     was_training = model.training
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with rng_restored(device), torch.no_grad():
         model.eval()
         try:
             yield

@@ -13,14 +13,12 @@ so a peak taken before would not be the run's.
 
 from __future__ import annotations
 
-import contextlib
-import random
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
+from runtime.core.checkpoint import rng_restored
 from runtime.core.distributed import autocast, peak_memory_gib
 from runtime.core.host_memory import peak_rss_gib
 
@@ -37,16 +35,6 @@ def longest_micro_batch(rows: Sequence[Any], groups: Sequence[Sequence[Sequence[
     micro_batches = [micro for group in groups for micro in group]
     return max(micro_batches, key=lambda micro: (len(micro) * max(len(rows[j]) for j in micro),
                                                  sum(len(rows[j]) for j in micro)))
-
-
-@contextlib.contextmanager
-def rng_restored(device: torch.device):
-    """Every random number generator training draws from, as it was on entry."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        yield
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
 
 
 def measured_peak_gib(device: torch.device) -> float:
