@@ -14,6 +14,7 @@ from runtime.contract.steps import total_steps, training_items
 from runtime.core.data import IGNORE_INDEX, TrainRow, collate_rows
 from runtime.core.losses import TokenLoss
 from runtime.core.packing import collate_packed, pack_rows
+from runtime.core.segments import SEGMENTED, runs_per_sequence, segments_of, use_per_sequence
 from tests.conftest import base_recipe, run_cli, write_json_recipe
 
 
@@ -52,7 +53,9 @@ def _rows(seed: int = 0) -> list[TrainRow]:
     return out
 
 
-def _model(kind: str, attention: str) -> torch.nn.Module:
+def _model(kind: str, attention: str, per_sequence: bool = False) -> torch.nn.Module:
+    """A tiny float64 model; with `per_sequence` it runs runtime.core.segments' attention (the
+    runtime's choice for packed stages), else transformers' block-diagonal mask over packed rows."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -65,6 +68,8 @@ def _model(kind: str, attention: str) -> torch.nn.Module:
         config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attention)
         model = GPT2LMHeadModel(config)
+    if per_sequence:
+        assert use_per_sequence(model) and model.config._attn_implementation == SEGMENTED[attention]
     return model.double().eval()  # float64: the comparison measures the packing, not rounding
 
 
@@ -75,11 +80,12 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
     return (loss_sum / count).detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["mask", "per-sequence"])
 @pytest.mark.parametrize("kind,attention", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"),
                                             ("gpt2", "eager")])
-def test_packed_loss_and_gradients_equal_the_unpacked(kind: str, attention: str) -> None:
+def test_packed_loss_and_gradients_equal_the_unpacked(kind: str, attention: str, per_sequence: bool) -> None:
     rows = _rows()
-    model = _model(kind, attention)
+    model = _model(kind, attention, per_sequence)
     packs = pack_rows(rows, 24)
     assert len(packs) < len(rows) and any(len(p.members) > 1 for p in packs)
     unpacked_loss, unpacked = _loss_and_grads(model, collate_rows(rows, pad_id=0))
@@ -95,10 +101,12 @@ def test_packed_loss_and_gradients_equal_the_unpacked(kind: str, attention: str)
         assert error <= 1e-5, (name, float(error))
 
 
-@pytest.mark.parametrize("kind,attention", [("llama", "sdpa"), ("gpt2", "eager")])
-def test_one_sequences_loss_has_no_gradient_through_another_sequence_of_its_row(kind: str, attention: str) -> None:
+@pytest.mark.parametrize("kind,attention,per_sequence", [("llama", "sdpa", False), ("gpt2", "eager", False),
+                                                         ("llama", "sdpa", True), ("gpt2", "eager", True)])
+def test_one_sequences_loss_has_no_gradient_through_another_sequence_of_its_row(
+        kind: str, attention: str, per_sequence: bool) -> None:
     rows = _rows(1)
-    model = _model(kind, attention).float()
+    model = _model(kind, attention, per_sequence).float()
     packs = pack_rows(rows, 32)
     row = max(packs, key=lambda p: len(p.members))
     assert len(row.members) >= 3
@@ -190,6 +198,7 @@ def test_a_packed_stage_trains_reports_its_packs_and_resumes_bit_exact(tmp_path:
     assert report["packing"]["packs"] == plan["packing"]["packs"]
     assert report["packing"]["sequences"] == plan["packing"]["sequences"] == report["train_examples"]["actual"]
     assert report["packing"]["sequences_per_pack"] > 1.5 and plan["steps"] == 4 * report["packing"]["packs"]
+    assert report["packing"]["attention"] == "per sequence"  # the build's sdpa, one call per sequence
     assert report["steps"]["planned"] == report["steps"]["actual"] == plan["steps"]
     metrics = [json.loads(line) for line in (build / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]

@@ -83,7 +83,8 @@ class PlanStageTokens(_Read):
 
 class Packing(BaseModel):
     """Packed rows (train.packing): the tokens of a row, the rows (packs) and the sequences they
-    hold, sequences per pack and the share of the rows' token slots left as padding."""
+    hold, sequences per pack and the share of the rows' token slots left as padding; in the run's
+    report also how the sequences of a pack attended (runtime.stages.language_model.packed_attention)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -92,6 +93,7 @@ class Packing(BaseModel):
     sequences: int
     sequences_per_pack: float
     padding_share: float
+    attention: str | None = None
 
 
 class PlanStage(_Read):

@@ -17,6 +17,7 @@ from runtime.contract.config import LOSS_CHUNK_POSITIONS
 from runtime.core.cross_entropy import token_cross_entropy
 from runtime.core.data import IGNORE_INDEX
 from runtime.core.model import hf_model
+from runtime.core.segments import runs_per_sequence, segments_of
 
 
 def right_padded(attention_mask: torch.Tensor) -> bool:
@@ -44,6 +45,7 @@ class TokenLoss(nn.Module):
         inner = hf_model(model)
         # A tuple, not attributes: registering them as submodules would list every weight twice.
         self._parts = (inner.base_model, inner.get_output_embeddings())
+        self._inner = (inner,)
         # Gemma-2's tanh soft-capping of the logits, which the model's own forward applies after the
         # head: applied here too, since this loss calls the head itself (cap * tanh(logits / cap)).
         self.softcap = getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
@@ -84,12 +86,15 @@ class TokenLoss(nn.Module):
         """The loss of every supervised token (row-major order) and the [batch, seq-1] supervision mask.
 
         With `position_ids` the rows are packs (runtime.core.packing): the position ids delimit
-        the sequences and no attention mask is passed, so each sequence attends only to itself."""
+        the sequences and no attention mask is passed, so each sequence attends only to itself;
+        under attention per sequence (runtime.core.segments) each one is also computed alone."""
         kwargs: dict = {"use_cache": False}
         if position_ids is not None:
             if self._prefix:
                 raise ValueError("packed rows cannot carry prefix tuning's virtual tokens")
             kwargs["position_ids"] = position_ids
+            if runs_per_sequence(self._inner[0]):
+                kwargs["packed_segments"] = segments_of(position_ids)
             attention_mask = None
         if self._prefix:
             batch = input_ids.shape[0]

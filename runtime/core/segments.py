@@ -1,0 +1,106 @@
+"""Attention over packed rows one sequence at a time, for sdpa and eager.
+
+transformers reads restarting position ids as packed sequences (runtime.core.packing) and, with
+sdpa or eager, builds one block-diagonal causal mask over the whole row; the kernel then computes
+every query of the row against every key and throws the cross-sequence scores away, so attention
+costs the square of the row's length and SDPA takes its masked path. A row of ten 140-token
+conversations pays 1,400^2 instead of 10 x 140^2. Here each sequence's block of the row runs as an
+attention of its own, under its own block of that same mask, so sliding windows and whatever else
+the model puts in its mask stay exactly as transformers makes them: the cost is the sum of the
+squares of the sequence lengths, what unpacked rows pay and what the plan prices.
+flash_attention_2 needs none of this (its variable-length kernels read the position ids).
+
+The two implementations are registered with transformers' AttentionInterface under their own
+names and keep sdpa's and eager's mask functions. The loss passes `packed_segments` (the
+sequences of each row) through the model's keyword arguments, which reach every attention call,
+also when gradient checkpointing recomputes a layer; a call without them (held-out loss over
+padded rows, generation, a vision tower) runs plain sdpa or eager.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+# (row, start, end) of every sequence of a batch of packed rows
+Segments = tuple[tuple[int, int, int], ...]
+
+# the implementation a packed stage switches to, by the one the build asks for
+SEGMENTED = {"sdpa": "sdpa_per_sequence", "eager": "eager_per_sequence"}
+
+
+def segments_of(position_ids: torch.Tensor) -> Segments:
+    """The sequences of each row: one starts wherever a position does not follow the one before it
+    (transformers' own rule, `masking_utils.find_packed_sequence_indices`), and runs to the next."""
+    positions = position_ids.detach().cpu()
+    starts = torch.ones(positions.shape, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    width = positions.shape[1]
+    by_row: dict[int, list[int]] = {}
+    for row, column in starts.nonzero().tolist():
+        by_row.setdefault(row, []).append(column)
+    return tuple((row, start, end) for row, columns in sorted(by_row.items())
+                 for start, end in zip(columns, [*columns[1:], width]))
+
+
+def _module_eager(module: nn.Module) -> Callable:
+    """The eager attention of the model that `module` belongs to: each transformers model file
+    defines its own (Gemma-2's soft-caps the scores, for one)."""
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _per_sequence(base: Callable[[nn.Module], Callable]) -> Callable:
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, packed_segments: Segments | None = None, **kwargs):
+        forward = base(module)
+        if packed_segments is None or key.shape[2] != query.shape[2]:
+            return forward(module, query, key, value, attention_mask, **kwargs)
+        rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+        for row, start, end in packed_segments:
+            block = slice(start, end)
+            mask = None if attention_mask is None else attention_mask[row : row + 1, :, block, block]
+            if mask is None and forward is not sdpa_attention_forward:  # eager needs the causal mask spelled out
+                mask = _causal_mask(end - start, query)
+            out, _ = forward(module, query[row : row + 1, :, block], key[row : row + 1, :, block],
+                             value[row : row + 1, :, block], mask, **kwargs)
+            rows[row].append(out)  # [1, tokens, heads, head_dim]
+        return torch.cat([torch.cat(pieces, dim=1) for pieces in rows], dim=0), None
+
+    return attention
+
+
+def _causal_mask(length: int, like: torch.Tensor) -> torch.Tensor:
+    """eager's additive causal mask for one sequence: 0 on and below the diagonal, the dtype's minimum above."""
+    full = torch.full((length, length), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
+    return full.triu(1)[None, None]
+
+
+AttentionInterface.register(SEGMENTED["sdpa"], _per_sequence(lambda module: sdpa_attention_forward))
+AttentionInterface.register(SEGMENTED["eager"], _per_sequence(_module_eager))
+AttentionMaskInterface.register(SEGMENTED["sdpa"], sdpa_mask)
+AttentionMaskInterface.register(SEGMENTED["eager"], eager_mask)
+
+
+def use_per_sequence(model: nn.Module) -> bool:
+    """Switch `model` (a transformers model, not a peft wrapper) from sdpa or eager to attention
+    per packed sequence; whether it now runs it. flash_attention_2 and models whose files
+    transformers does not define an eager attention for keep their own. The implementation is
+    the runtime's only: `config.json` does not record it, and a saved model loads as before."""
+    current = model.config._attn_implementation
+    if current not in SEGMENTED:
+        return current in SEGMENTED.values()
+    if current == "eager" and (getattr(model.config, "reorder_and_upcast_attn", False)
+                               or not hasattr(sys.modules[type(model).__module__], "eager_attention_forward")):
+        return False
+    model.config._attn_implementation = SEGMENTED[current]
+    return True
+
+
+def runs_per_sequence(model: nn.Module) -> bool:
+    return model.config._attn_implementation in SEGMENTED.values()
