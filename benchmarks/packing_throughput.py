@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/packing_throughput.py demo [--repo PATH] [--epochs N] [--max-steps N]
 
 `chat` trains the SmolLM2 chat SFT example twice, length-grouped rows and packed rows, on the same
-data for the same epochs, and prints for each: steps, wall time, tokens/s, the final training loss
-and the held-out loss (packing is faster only if it reaches the same loss). `demo` trains the
+data for the same epochs, evaluates each, and prints for each: steps, wall time, tokens/s, the
+final training loss and the held-out loss of the example's eval (packing is faster only if it
+reaches the same loss). `demo` trains the
 tweet-sentiment example with packing off and prints its tokens/s; `--repo` runs another checkout of
 the project (its compiler and runtime) on the same recipe, for a before/after comparison on the
 same machine state.
@@ -27,8 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _train(repo: Path, recipe: str, build: Path, overrides: dict[str, object]) -> dict:
-    """Compile `recipe` with `overrides` and train it with `repo`'s code: the stage's figures."""
+def _train(repo: Path, recipe: str, build: Path, overrides: dict[str, object], *, evaluate: bool = False) -> dict:
+    """Compile `recipe` with `overrides`, train it with `repo`'s code (and with `evaluate` run its
+    eval): the stage's figures."""
     env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"}
     command = [sys.executable, "-m", "compiler.cli", "compile", str(REPO / recipe), "--out", str(build)]
     for key, value in overrides.items():
@@ -38,13 +40,17 @@ def _train(repo: Path, recipe: str, build: Path, overrides: dict[str, object]) -
     subprocess.run([sys.executable, "-m", "runtime.train", str(build)], check=True, cwd=repo, env=env,
                    stdout=sys.stderr)
     wall = time.perf_counter() - started
+    if evaluate:
+        subprocess.run([sys.executable, "-m", "runtime.evaluate", str(build)], check=True, cwd=repo, env=env,
+                       stdout=sys.stderr)
     report = json.loads((build / "train_report.json").read_text())["stages"][0]
     metrics = [json.loads(line) for line in (build / "metrics.jsonl").read_text().splitlines()]
     tail = metrics[-max(1, len(metrics) // 5):]  # the last fifth of the logged steps
     return {"steps": report["steps"], "process_wall_s": round(wall, 1), "train_wall_s": report["wall_s"],
             "tokens": report["tokens"], "tokens_per_s": report["tokens_per_s"],
             "final_loss": round(sum(m["loss"] for m in tail) / len(tail), 4),
-            "heldout_loss": (report.get("heldout") or {}).get("loss"), "packing": report.get("packing")}
+            "heldout_loss": json.loads((build / "eval.json").read_text())["loss"] if evaluate else None,
+            "packing": report.get("packing")}
 
 
 def chat(epochs: int) -> dict:
@@ -55,7 +61,7 @@ def chat(epochs: int) -> dict:
         # tokens a step as the example's 4 x 2 rows.
         packed = {"train.packing": "true", "train.micro_batch_size": 1, "train.grad_accum": 1}
         for name, overrides in (("rows", {}), ("packed", packed)):
-            out[name] = _train(REPO, recipe, Path(tmp) / name, {"train.epochs": epochs, **overrides})
+            out[name] = _train(REPO, recipe, Path(tmp) / name, {"train.epochs": epochs, **overrides}, evaluate=True)
             print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in out[name].items() if k != "packing"))
     packing = out["packed"]["packing"]
     print(f"packed rows: {packing['sequences']} sequences in {packing['packs']} rows of {packing['budget']} tokens, "

@@ -183,3 +183,53 @@ def test_sdpa_on_gemma_2_is_refused_with_the_fix(tmp_path: Path) -> None:
     [problem] = [d for d in caught.value.diagnostics if "attn_logit_softcapping" in d.message]
     assert "(the default)" in problem.message and 'attention = "eager"' in problem.help
     validate(_gemma2_recipe(tmp_path, attention="eager"))  # no error
+
+
+
+@pytest.mark.parametrize(("model_type", "implementation"), [
+    ("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("gemma2", "eager"), ("gemma3_text", "sdpa"),
+])
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "bf16-weights"])
+def test_a_packed_sequence_keeps_what_it_keeps_alone(model_type: str, implementation: str, half: bool) -> None:
+    """Packed rows attending per sequence (runtime.core.segments) keep, for each sequence, the
+    s x s terms of that sequence alone: the plan's terms at the sequence's length, which the
+    plan's row-length figure bounds. No block-diagonal mask of the whole row survives the forward."""
+    from runtime.core.data import IGNORE_INDEX, TrainRow
+    from runtime.core.losses import TokenLoss
+    from runtime.core.packing import collate_packed, pack_rows
+    from runtime.core.segments import use_per_sequence
+
+    layers, heads, width = 4, 2, 40
+    config = {"model_type": model_type, "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
+              "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 1, "head_dim": 16,
+              "max_position_embeddings": 256, **({"sliding_window_pattern": 2} if model_type == "gemma3_text" else {})}
+    if model_type != "llama":
+        config["sliding_window"] = 8  # every sequence is longer than the window
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), attn_implementation=implementation)
+    model = model.to(torch.bfloat16) if half else model  # a half-precision base under autocast, as LoRA holds it
+    assert use_per_sequence(model)
+    lengths = (22, 17, 15, 25)
+    rows = [TrainRow(tuple(range(1, n + 1)), (IGNORE_INDEX,) + tuple(range(2, n + 1)), i)
+            for i, n in enumerate(lengths)]
+    batch = collate_packed(pack_rows(rows, width), pad_id=0)
+    assert batch["input_ids"].shape == (2, width)  # 25 + 15 and 22 + 17 (and one token of padding)
+
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 3 and t.shape[-1] == t.shape[-2] > 1:  # no other dimension of the tiny model is 15-25
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            TokenLoss(model.train())(**batch)
+    att = attention_facts(config, model_type, layers)
+    alone = sum(attention_bytes(att, layers=layers, heads=heads, seq_len=n, sequences=1,
+                                implementation=implementation, working_bytes=2) for n in lengths)
+    assert sum(storages.values()) == alone
+    assert (alone > 0) == (implementation == "eager" or model_type != "llama")
+    row = attention_bytes(att, layers=layers, heads=heads, seq_len=width, sequences=2, implementation=implementation,
+                          working_bytes=2)
+    assert alone < row or alone == row == 0

@@ -25,13 +25,16 @@ def test_segments_start_where_positions_restart() -> None:
     assert segments_of(torch.arange(5)[None]) == ((0, 0, 5),)
 
 
-def _sdpa_key_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The keys of every SDPA call (the queries of a one-token call have its head groups folded in)."""
+def _sdpa_calls(monkeypatch: pytest.MonkeyPatch, masks: list[bool] | None = None) -> list[int]:
+    """The keys of every SDPA call (the queries of a one-token call have its head groups folded
+    in), and in `masks` whether the call had a mask."""
     seen: list[int] = []
     original = torch.nn.functional.scaled_dot_product_attention
 
     def spy(query, key, *args, **kwargs):
         seen.append(key.shape[2])
+        if masks is not None:
+            masks.append(kwargs.get("attn_mask") is not None)
         return original(query, key, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
@@ -51,9 +54,11 @@ def test_each_attention_call_sees_one_sequence(monkeypatch: pytest.MonkeyPatch) 
     assert max(expected) < width
     layers = 2
 
-    seen = _sdpa_key_lengths(monkeypatch)
+    masks: list[bool] = []
+    seen = _sdpa_calls(monkeypatch, masks)
     TokenLoss(_model("llama", "sdpa", per_sequence=True))(**batch)
     assert seen == expected * layers
+    assert not any(masks)  # every block is plain causal: SDPA's causal kernel, no mask
 
     seen.clear()  # transformers' own path: one call over the whole rows in each layer
     TokenLoss(_model("llama", "sdpa"))(**batch)
@@ -92,6 +97,18 @@ def test_windows_and_soft_capping_stay_as_the_model_defines_them(kind: str) -> N
     for name in unpacked:
         error = (packed[name] - unpacked[name]).norm() / unpacked[name].norm()
         assert error <= 1e-5, (name, float(error))
+
+
+def test_sdpa_gets_a_mask_only_where_a_window_cuts_into_a_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = _rows()
+    packs = pack_rows(rows, 24)
+    model = _sliding("mistral")  # window of 4 in both layers
+    assert use_per_sequence(model)
+    masks: list[bool] = []
+    seen = _sdpa_calls(monkeypatch, masks)
+    TokenLoss(model)(**collate_packed(packs, pad_id=0))
+    assert seen and masks == [n > 4 for n in seen]
+    assert any(masks) and not all(masks)
 
 
 def test_gradient_checkpointing_recomputes_each_sequence_alone() -> None:

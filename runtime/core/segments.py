@@ -61,18 +61,48 @@ def _per_sequence(base: Callable[[nn.Module], Callable]) -> Callable:
         forward = base(module)
         if packed_segments is None or key.shape[2] != query.shape[2]:
             return forward(module, query, key, value, attention_mask, **kwargs)
+        sdpa = forward is sdpa_attention_forward
+        causal = _causal_blocks(attention_mask, packed_segments) if sdpa else None
         rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
-        for row, start, end in packed_segments:
+        for i, (row, start, end) in enumerate(packed_segments):
             block = slice(start, end)
-            mask = None if attention_mask is None else attention_mask[row : row + 1, :, block, block]
-            if mask is None and forward is not sdpa_attention_forward:  # eager needs the causal mask spelled out
-                mask = _causal_mask(end - start, query)
+            if attention_mask is None:
+                mask = None if sdpa else _causal_mask(end - start, query)
+            elif sdpa and causal[i]:
+                mask = None  # SDPA's causal kernel: no float copy of the mask kept for backward
+            else:
+                mask = attention_mask[row : row + 1, :, block, block]
             out, _ = forward(module, query[row : row + 1, :, block], key[row : row + 1, :, block],
                              value[row : row + 1, :, block], mask, **kwargs)
             rows[row].append(out)  # [1, tokens, heads, head_dim]
         return torch.cat([torch.cat(pieces, dim=1) for pieces in rows], dim=0), None
 
     return attention
+
+
+def _causal_blocks(mask: torch.Tensor | None, segments: Segments) -> list[bool]:
+    """For each sequence, whether its block of a boolean [rows, 1, s, s] mask is plain causal, so
+    that SDPA may run it with `is_causal` instead of the mask: true unless a sliding window shorter
+    than the sequence (or any other pattern) removes keys. Computed once a forward for each mask
+    (layers of one kind share it) and kept on the mask tensor."""
+    if mask is None or mask.dtype != torch.bool:
+        return [False] * len(segments)
+    known = getattr(mask, "_causal_blocks", None)
+    if known is not None and known[0] == segments:
+        return known[1]
+    rows, width = mask.shape[0], mask.shape[-1]
+    index = torch.empty((rows, width), dtype=torch.long)
+    for i, (row, start, end) in enumerate(segments):
+        index[row, start:end] = i
+    index = index.to(mask.device)
+    same = index[:, :, None] == index[:, None, :]  # [rows, s, s]: query and key in one sequence
+    causal = torch.ones((width, width), dtype=torch.bool, device=mask.device).tril()
+    differs = ((mask[:, 0] != causal) & same).any(dim=-1)  # [rows, s]: a query whose keys are not causal
+    counts = torch.zeros(len(segments), dtype=torch.long, device=mask.device)
+    counts = counts.index_add(0, index.flatten(), differs.flatten().long())  # such queries, by sequence
+    result = [n == 0 for n in counts.tolist()]
+    mask._causal_blocks = (segments, result)
+    return result
 
 
 def _causal_mask(length: int, like: torch.Tensor) -> torch.Tensor:
