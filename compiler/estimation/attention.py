@@ -16,6 +16,10 @@ How transformers (5.x) computes attention in training, which these terms follow:
   SDPA cannot soft-cap scores, so transformers refuses it for Gemma-2 (compile says so).
 - flash_attention_2: windows and soft-capping are computed inside the kernel; nothing of size s x s.
 
+Packed rows (train.packing) attend one sequence at a time under sdpa and eager
+(runtime.core.segments), so each sequence keeps the terms of its own length; the plan prices a
+row at the row's length, which bounds them.
+
 Final-logit soft-capping (Gemma-2's `final_logit_softcapping`) passes the logits through tanh,
 which keeps its output: one more logits-sized tensor at the width the loss computes in.
 Standard library only, pure functions of the config's facts.

@@ -3,7 +3,8 @@
 A pack concatenates its sequences; `position_ids` restart at 0 with each one, and no attention
 mask is passed. Transformers reads such position ids as packed sequences: with flash_attention_2
 it runs the variable-length kernels over them, with sdpa and eager it builds a block-diagonal
-causal mask (`masking_utils.find_packed_sequence_indices`). The padding after the last sequence
+causal mask (`masking_utils.find_packed_sequence_indices`), under which runtime.core.segments
+computes each sequence's attention on its own. The padding after the last sequence
 is a block of its own, never supervised. The first label of every sequence is dropped, so that no
 sequence's last position learns to predict the next sequence's first token: exactly the tokens the
 unpacked rows supervise are supervised.
