@@ -63,7 +63,17 @@ def _per_sequence(base: Callable[[nn.Module], Callable]) -> Callable:
             return forward(module, query, key, value, attention_mask, **kwargs)
         sdpa = forward is sdpa_attention_forward
         causal = _causal_blocks(attention_mask, packed_segments) if sdpa else None
+        # One split per row and tensor, not a slice per sequence: the backward of a slice builds a
+        # zero tensor of the whole input for every sequence, the backward of a split one concatenation.
+        sizes: list[list[int]] = [[] for _ in range(query.shape[0])]
+        for row, start, end in packed_segments:
+            sizes[row].append(end - start)
+        if any(sum(n) != query.shape[2] for n in sizes):
+            raise ValueError("packed_segments must cover every row, in order (runtime.core.segments.segments_of)")
+        pieces = [[q.split(n, dim=2), k.split(n, dim=2), v.split(n, dim=2)]
+                  for q, k, v, n in zip(query.split(1), key.split(1), value.split(1), sizes)]
         rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+        at = [0] * query.shape[0]
         for i, (row, start, end) in enumerate(packed_segments):
             block = slice(start, end)
             if attention_mask is None:
@@ -72,10 +82,11 @@ def _per_sequence(base: Callable[[nn.Module], Callable]) -> Callable:
                 mask = None  # SDPA's causal kernel: no float copy of the mask kept for backward
             else:
                 mask = attention_mask[row : row + 1, :, block, block]
-            out, _ = forward(module, query[row : row + 1, :, block], key[row : row + 1, :, block],
-                             value[row : row + 1, :, block], mask, **kwargs)
+            j, at[row] = at[row], at[row] + 1
+            q, k, v = (split[j] for split in pieces[row])
+            out, _ = forward(module, q, k, v, mask, **kwargs)
             rows[row].append(out)  # [1, tokens, heads, head_dim]
-        return torch.cat([torch.cat(pieces, dim=1) for pieces in rows], dim=0), None
+        return torch.cat([torch.cat(outs, dim=1) for outs in rows], dim=0), None
 
     return attention
 
