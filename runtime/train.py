@@ -37,7 +37,7 @@ from runtime.contract.files import RunLockBusy, run_lock, write_atomic, write_fa
 from runtime.contract.layout import CHECKPOINT_DIR, MODEL_DIR, PLAN_JSON, TRAIN_REPORT_FILE
 from runtime.core.checkpoint import CheckpointError, latest_usable, remove_stale_staging
 from runtime.core.distributed import Dist, select_device, setup_distributed, shutdown_distributed
-from runtime.core.host_memory import return_freed_blocks_to_system
+from runtime.core.host_memory import host_memory_policy, set_host_memory_policy
 from runtime.core.loop import check_planned_steps
 from runtime.core.model import ModelLoadError, hold_in_precision
 from runtime.core.outputs import finish_stage, finished_report, merged, starting_model
@@ -98,7 +98,8 @@ def train(config: RuntimeConfig, build_dir: Path, d: Dist) -> TrainReport:
         model = None if uses_deepspeed(config.hardware) and config.hardware.zero_stage == 3 else merged(trained)
         previous = stage.name
     train_report = TrainReport(format_version=TRAIN_REPORT_FORMAT_VERSION, device=device.type,
-                               precision=config.hardware.precision, world_size=d.world, stages=reports)
+                               precision=config.hardware.precision, world_size=d.world,
+                               host_memory=host_memory_policy(), stages=reports)
     if d.is_main:
         write_atomic(build_dir / TRAIN_REPORT_FILE, dumps(train_report).encode())
         write_run_report(build_dir)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: this runtime cannot execute {args.build_dir}: " + "; ".join(missing), file=sys.stderr)
         return 1
-    return_freed_blocks_to_system()  # before the model is loaded: every large block from then on
+    set_host_memory_policy(config.hardware.host_memory)  # before the model is loaded
     d = setup_distributed(config.hardware.device)
     try:
         with _run_lock(args.build_dir, d):

@@ -133,6 +133,7 @@ def build_plan(
             "precision": config.hardware.precision,
             "zero_stage": config.hardware.zero_stage,
             "gradient_checkpointing": config.hardware.gradient_checkpointing,
+            "host_memory": config.hardware.host_memory,
         },
         "warnings": [d.message for d in warnings],
         "summary": summary_line(stages, totals, config.hardware.device),

@@ -104,7 +104,7 @@ def runtime_config(loaded: LoadedRecipe, facts: ModelFacts, arch: Architecture, 
         hardware=HardwareSpec(device=hw.device, gpu=hw.gpu, nproc_per_node=hw.nproc_per_node, nodes=hw.nodes,
                               precision=hw.precision, zero_stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
                               offload_params=hw.offload_params, gradient_checkpointing=hw.gradient_checkpointing,
-                              attention=hw.attention),
+                              attention=hw.attention, host_memory=hw.host_memory),
     )
 
 

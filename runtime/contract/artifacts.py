@@ -259,6 +259,8 @@ class TrainReport(_Written):
     device: str | None = None
     precision: str | None = None
     world_size: int | None = None
+    # what the process did with freed host memory (hardware.host_memory); None off glibc
+    host_memory: Literal["release", "reuse"] | None = None
     stages: tuple[StageReport, ...] = ()
 
 
@@ -396,6 +398,7 @@ class RunReport(_Written):
     device: str | None
     precision: str | None
     world_size: int | None
+    host_memory: Literal["release", "reuse"] | None = None
     stages: tuple[RunStage, ...]
     totals: RunTotals
     eval: RunEval | None

@@ -160,6 +160,8 @@ class HardwareSpec(_Frozen):
     offload_params: bool
     gradient_checkpointing: bool
     attention: Literal["sdpa", "eager", "flash_attention_2"]
+    # absent from builds that predate the key, whose runtime released freed blocks
+    host_memory: Literal["release", "reuse"] = "release"
 
 
 class RuntimeConfig(_Frozen):

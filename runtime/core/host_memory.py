@@ -1,4 +1,5 @@
-"""Host memory: the process's resident set, and how freed tensor memory goes back to the system.
+"""Host memory: the process's resident set, and what happens to freed tensor memory
+(`hardware.host_memory`).
 
 PyTorch's CPU tensors come from the C library's malloc. glibc serves blocks below its mmap
 threshold from a heap that it grows and rarely gives back, and it raises that threshold (up to
@@ -7,24 +8,26 @@ of a different size at every batch length, so after a few steps nearly every act
 the heap, the freed ones are fragments the next step cannot reuse, and the resident set grows far
 beyond what the step holds: measured on the SmolLM2 LoRA chat SFT example, its longest batch
 peaked at 15.3 GiB of RSS while the tensors alive at once never passed 9.7 GiB, and 9.6 GiB of
-freed heap stayed resident after the step. A fixed threshold keeps large blocks on mmap, which
-returns them to the system when they are freed.
+freed heap stayed resident after the step.
 
-The price is speed: every mapped block is new pages, which the kernel faults in and zeroes on first
-touch, where the heap would hand back pages already resident. On the same example's 1,408-token
-packed rows, whose activations are all above the threshold, one forward and backward takes about
-1.3x as long as under glibc's default policy, and the process spends a third of its time in the
-kernel; row batches of a few short sequences stay below the threshold and barely notice. Raising
-the threshold to 4 MiB, or keeping the heap and trimming it after every step (`malloc_trim`), wins
-that time back but lets the peak resident set run about 35% above what the step holds, the
-overshoot this module exists to prevent; a caching allocator (jemalloc, tcmalloc) would give both,
-but none installs with pip.
+`release` (the default) fixes the threshold at 1 MiB, which keeps large blocks on mmap: they go
+back to the system when freed, and the resident set follows the tensors alive, as the plan counts
+them. The price is speed: every mapped block is new pages, which the kernel faults in and zeroes on
+first touch, where the heap would hand back pages already resident, and the process spends a third
+of its time in the kernel. `reuse` leaves glibc's own policy in place and trims the heap after each
+optimizer step (`malloc_trim`), so what one step freed is not kept through the next. Measured on
+that example over one epoch on 2 cores (`benchmarks/packing_throughput.py chat`): the training
+loop of length-grouped rows runs about 1.5x as fast, that of packed 1,408-token rows, whose
+activations are all above the threshold, about 2x; the peak resident set of the rows run rises
+from about the plan's 9.5 GiB to 13 GiB, that of the packed run stays near 6 GiB. A caching
+allocator (jemalloc, tcmalloc) would give both, but none installs with pip.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 
@@ -36,16 +39,48 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
 MMAP_THRESHOLD_BYTES = 1024**2
 
 
-def return_freed_blocks_to_system() -> bool:
-    """Make glibc serve large blocks from mmap, so freed tensors leave the resident set at once.
-    Returns False where the C library is not glibc (nothing is changed there)."""
+HOST_MEMORY_POLICIES = ("release", "reuse")
+_in_effect: str | None = None  # set by set_host_memory_policy
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc, else None."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-        return False
-    return libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    needed = ("mallopt", "gnu_get_libc_version")
+    return libc if all(hasattr(libc, f) for f in needed) else None
+
+
+def set_host_memory_policy(policy: str) -> str | None:
+    """Apply `hardware.host_memory` to this process, before the model is loaded: `release` makes
+    glibc serve blocks of 1 MiB and more from mmap, so freed tensors leave the resident set at once;
+    `reuse` keeps glibc's own policy, unless this process already released. Returns the policy in
+    effect, None where the C library is not glibc (nothing is changed there)."""
+    if policy not in HOST_MEMORY_POLICIES:
+        raise ValueError(f"host memory policy {policy!r}: expected one of {', '.join(HOST_MEMORY_POLICIES)}")
+    global _in_effect
+    libc = _glibc()
+    if libc is None:
+        return None
+    if policy == "release" and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) != 1:
+        return None
+    if _in_effect == "release":  # glibc cannot go back to raising a threshold once it was fixed
+        return _in_effect
+    _in_effect = policy
+    return policy
+
+
+def host_memory_policy() -> str | None:
+    """The policy this process set, None before set_host_memory_policy (or off glibc)."""
+    return _in_effect
+
+
+def return_freed_blocks_to_system() -> bool:
+    """The `release` policy; False where the C library is not glibc."""
+    return set_host_memory_policy("release") == "release"
 
 
 def current_rss_gib() -> float:

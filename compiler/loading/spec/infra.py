@@ -33,6 +33,12 @@ class HardwareSection(Section):
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel."""
+    host_memory: Literal["release", "reuse"] = "release"
+    """What the training process does with freed host memory (CPU tensors): "release" gives every
+    freed block of 1 MiB or more back to the system at once, so the resident set follows the tensors
+    alive, as the plan counts them; "reuse" keeps freed blocks in the C library's heap for the next
+    step (trimmed after each optimizer step): faster on CPU where activations are large (packed rows),
+    with a resident set that can run about a third above the plan's figure. glibc only."""
     memory_gib: PositiveFloat | None = None
     """Memory per device in GiB; overrides the catalog's figure for `gpu`."""
     peak_tflops: PositiveFloat | None = None
