@@ -39,10 +39,10 @@ def measure(mode: str, vocab: int, rows: int, seq: int, steps: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from runtime.core.host_memory import return_freed_blocks_to_system
+    from runtime.core.host_memory import set_host_memory_policy
     from runtime.core.losses import TokenLoss
 
-    return_freed_blocks_to_system()  # as the runtime does: freed logits leave the resident set
+    set_host_memory_policy("release")  # as the runtime does by default: freed logits leave the resident set
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

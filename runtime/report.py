@@ -435,8 +435,7 @@ def render_markdown(report: RunReport, *, loss_png: str | None) -> str:
             lines += [f"{_MEMORY_BASIS[basis]}.", ""]
     if report.host_memory == "reuse" and "process_rss" in bases:
         lines += ['Under hardware.host_memory = "reuse" freed blocks stay in the C library\'s heap for the next '
-                  "allocation, so the resident set runs above the tensors alive (by about a third on "
-                  "length-grouped rows).", ""]
+                  "allocation, so the resident set runs above the tensors alive (by 30% or more).", ""]
     lines += ["Planned tokens/s is the plan's training tokens over its wall time; wall time is the plan's "
               "FLOPs at the device's assumed utilisation.", ""]
     lines.append(summary_line(report))

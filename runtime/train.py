@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: this runtime cannot execute {args.build_dir}: " + "; ".join(missing), file=sys.stderr)
         return 1
-    set_host_memory_policy(config.hardware.host_memory)  # before the model is loaded
+    # before the model is loaded: the policy applies to every block allocated from then on
+    if set_host_memory_policy(config.hardware.host_memory) is None and config.hardware.host_memory == "reuse":
+        print('note: hardware.host_memory = "reuse" changes nothing here: the C library is not glibc',
+              file=sys.stderr)
     d = setup_distributed(config.hardware.device)
     try:
         with _run_lock(args.build_dir, d):

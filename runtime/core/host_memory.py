@@ -13,14 +13,15 @@ freed heap stayed resident after the step.
 `release` (the default) fixes the threshold at 1 MiB, which keeps large blocks on mmap: they go
 back to the system when freed, and the resident set follows the tensors alive, as the plan counts
 them. The price is speed: every mapped block is new pages, which the kernel faults in and zeroes on
-first touch, where the heap would hand back pages already resident, and the process spends a third
-of its time in the kernel. `reuse` leaves glibc's own policy in place and trims the heap after each
-optimizer step (`malloc_trim`), so what one step freed is not kept through the next. Measured on
-that example over one epoch on 2 cores (`benchmarks/packing_throughput.py chat`): the training
-loop of length-grouped rows runs about 1.5x as fast, that of packed 1,408-token rows, whose
-activations are all above the threshold, about 2x; the peak resident set of the rows run rises
-from about the plan's 9.5 GiB to 13 GiB, that of the packed run stays near 6 GiB. A caching
-allocator (jemalloc, tcmalloc) would give both, but none installs with pip.
+first touch, where the heap would hand back pages already resident, and a packed run spends a third
+of its time in the kernel. `reuse` leaves glibc's own policy in place. Measured on that example
+over one epoch on 2 cores (`benchmarks/packing_throughput.py chat`, figures in docs/training.md):
+under `reuse` the training loop of length-grouped rows runs 1.29x as fast and that of packed
+1,408-token rows, whose activations are all above the threshold, 1.40x, while the peak resident
+set grows from 10.0 to 12.9 GiB (rows) and from 3.6 to 5.8 GiB (packed). Trimming the heap after every
+optimizer step (`malloc_trim`) gave back a fifth of that time and barely lowered the peak. A caching
+allocator (jemalloc, tcmalloc) would give both speed and an honest resident set, but none installs
+with pip.
 """
 
 from __future__ import annotations
@@ -76,11 +77,6 @@ def set_host_memory_policy(policy: str) -> str | None:
 def host_memory_policy() -> str | None:
     """The policy this process set, None before set_host_memory_policy (or off glibc)."""
     return _in_effect
-
-
-def return_freed_blocks_to_system() -> bool:
-    """The `release` policy; False where the C library is not glibc."""
-    return set_host_memory_policy("release") == "release"
 
 
 def current_rss_gib() -> float:
