@@ -18,10 +18,10 @@ of its time in the kernel. `reuse` leaves glibc's own policy in place. Measured 
 over one epoch on 2 cores (`benchmarks/packing_throughput.py chat`, figures in docs/training.md):
 under `reuse` the training loop of length-grouped rows runs 1.29x as fast and that of packed
 1,408-token rows, whose activations are all above the threshold, 1.40x, while the peak resident
-set grows from 10.0 to 12.9 GiB (rows) and from 3.6 to 5.8 GiB (packed). Trimming the heap after every
-optimizer step (`malloc_trim`) gave back a fifth of that time and barely lowered the peak. A caching
-allocator (jemalloc, tcmalloc) would give both speed and an honest resident set, but none installs
-with pip.
+set grows from 10.0 to 12.9 GiB (rows) and from 3.6 to 5.8 GiB (packed). Trimming the heap after
+every optimizer step (`malloc_trim`) cost about a fifth of the time and barely lowered the peak, so
+`reuse` does not trim. A caching allocator (jemalloc, tcmalloc) would give both speed and an honest
+resident set, but none installs with pip.
 """
 
 from __future__ import annotations
